@@ -1,0 +1,28 @@
+"""Apply the parallelisms to a LinearLlama from outside, in a fixed order:
+sequence parallelism (swap the token-mixer hooks), activation checkpointing, then data
+parallelism (FSDP2 when asked for; otherwise replicated parameters whose gradients the trainer
+sums over ``dp_sp``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dist.parallel_dims import ParallelDims
+from parallel.checkpointing import apply_activation_checkpointing
+
+__all__ = ["parallelize_model"]
+
+
+def parallelize_model(model: nn.Module, dims: ParallelDims, *, layout: str = "contiguous",
+                      activation_checkpointing: str = "none", fsdp: bool = False) -> nn.Module:
+    """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place."""
+    if dims.sp_enabled:
+        from parallel.sequence_parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(model, group=dims.group("sp"), layout=layout)
+    apply_activation_checkpointing(model, mode=activation_checkpointing)
+    if fsdp and dims.world_size > 1:
+        from parallel.data_parallel import apply_fsdp
+
+        apply_fsdp(model, dims)
+    return model
