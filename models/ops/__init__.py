@@ -1,1 +1,109 @@
-"""linscale: models/ops."""
+"""Linear-attention ops: Triton kernels on CUDA, chunked pure-torch references elsewhere.
+
+The three public ops share one signature style (shared/DESIGN.md has the recurrences)::
+
+    o, ht = chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
+                              output_final_state=False, cu_seqlens=None, backend="auto")
+    o, ht = chunk_gla(q, k, v, gk, *, ...)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta, *, ...)
+
+``backend`` picks the implementation: ``"auto"`` (Triton when the inputs are on CUDA and the
+Triton path imports, else the reference), ``"triton"`` or ``"reference"``. The environment
+variable ``LINSCALE_OPS_BACKEND`` overrides ``"auto"`` (handy to force the reference on GPU or
+the Triton interpreter on CPU with ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from models.ops import reference
+from models.ops.naive import (
+    naive_gated_delta_rule,
+    naive_gla,
+    naive_linear_attn,
+    naive_recurrence,
+)
+
+__all__ = [
+    "chunk_linear_attn",
+    "chunk_gla",
+    "chunk_gated_delta_rule",
+    "naive_recurrence",
+    "naive_linear_attn",
+    "naive_gla",
+    "naive_gated_delta_rule",
+    "triton_available",
+]
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def _triton_module():
+    try:
+        from models.ops import triton_ops
+    except Exception:  # noqa: BLE001 - no triton, or a broken install: use the reference
+        return None
+    return triton_ops
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import in this environment."""
+    return _triton_module() is not None
+
+
+def _pick(name: str, x: torch.Tensor, backend: str):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("LINSCALE_OPS_BACKEND", "auto")
+        if backend not in _BACKENDS:
+            raise ValueError(f"LINSCALE_OPS_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return getattr(reference, name)
+    if backend == "auto" and not x.is_cuda:
+        return getattr(reference, name)
+    # The kernel module is imported lazily, only here: TRITON_INTERPRET is read when it is.
+    mod = _triton_module()
+    if mod is not None:
+        return getattr(mod, name)
+    if backend == "triton":
+        raise RuntimeError("backend='triton' requested but the Triton kernels do not import")
+    return getattr(reference, name)
+
+
+def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
+                      output_final_state=False, cu_seqlens=None, backend="auto"):
+    """Linear attention without decay (``g is None``) or with scalar log decay ``g``.
+
+    q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H]``; initial_state ``[B, H, K, V]``
+    (``[N, H, K, V]`` with ``cu_seqlens`` ``[N + 1]`` and ``B == 1``). Returns ``(o, ht)``: o
+    ``[B, T, H, V]`` in v's dtype, ht the fp32 final state or None.
+    """
+    fn = _pick("chunk_linear_attn", q, backend)
+    return fn(q, k, v, g, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def chunk_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None, backend="auto"):
+    """Gated linear attention, per-key-channel log decay ``gk`` ``[B, T, H, K]``.
+
+    Other arguments and the return value as :func:`chunk_linear_attn`.
+    """
+    fn = _pick("chunk_gla", q, backend)
+    return fn(q, k, v, gk, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                           output_final_state=False, cu_seqlens=None, backend="auto"):
+    """Gated delta rule, scalar log decay ``g`` ``[B, T, H]`` (or None) and ``beta`` ``[B, T, H]``.
+
+    Other arguments and the return value as :func:`chunk_linear_attn`.
+    """
+    fn = _pick("chunk_gated_delta_rule", q, backend)
+    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens)

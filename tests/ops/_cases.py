@@ -1,0 +1,112 @@
+"""Shared input builders and comparisons for the op tests (fp64 naive recurrence as the oracle)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.ops import naive
+
+__all__ = ["VARIANTS", "make_inputs", "run_op", "naive_op", "check_against_naive"]
+
+VARIANTS = ("linear", "scalar", "gla", "delta", "gated_delta")
+
+
+def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, seed=0,
+                strong_gates=True):
+    """Random inputs; gates ``logsigmoid(randn)``-style, a share of them strongly negative.
+
+    With ``n_docs`` the batch is one packed sequence (B must be 1) with uneven documents.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    x = {
+        "q": rn(B, T, H, K),
+        "k": rn(B, T, H, K) * K**-0.5,
+        "v": rn(B, T, H, V),
+    }
+    if variant in ("scalar", "gated_delta"):
+        g = F.logsigmoid(rn(B, T, H) + 2)
+        if strong_gates:
+            g = torch.where(rn(B, T, H) > 1.5, g - 6, g)
+        x["g"] = g
+    if variant == "gla":
+        gk = F.logsigmoid(rn(B, T, H, K) + 2)
+        if strong_gates:
+            gk = torch.where(rn(B, T, H, K) > 1.5, gk - 6, gk)
+        x["gk"] = gk
+    if variant in ("delta", "gated_delta"):
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+        if variant == "delta":
+            x["g"] = None
+    cu = None
+    n_state = B
+    if n_docs is not None:
+        assert B == 1 and n_docs <= T
+        cuts = torch.randperm(T - 1, generator=gen)[: n_docs - 1] + 1
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values,
+                        torch.tensor([T])])
+        n_state = n_docs
+    x["initial_state"] = rn(n_state, H, K, V)
+    x = {n: (t.to(dtype) if t is not None else None) for n, t in x.items()}
+    return x, cu
+
+
+def _call(mod, variant, x, cu, **kw):
+    common = dict(initial_state=x["initial_state"], output_final_state=True, cu_seqlens=cu, **kw)
+    if variant in ("linear", "scalar"):
+        return mod.chunk_linear_attn(x["q"], x["k"], x["v"], x.get("g"), **common)
+    if variant == "gla":
+        return mod.chunk_gla(x["q"], x["k"], x["v"], x["gk"], **common)
+    return mod.chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], **common)
+
+
+class _NaiveNS:
+    chunk_linear_attn = staticmethod(naive.naive_linear_attn)
+    chunk_gla = staticmethod(naive.naive_gla)
+    chunk_gated_delta_rule = staticmethod(naive.naive_gated_delta_rule)
+
+
+def run_op(mod, variant, x, cu, **kw):
+    """Call ``mod``'s op for ``variant``; returns ``(o, ht)``."""
+    return _call(mod, variant, x, cu, **kw)
+
+
+def naive_op(variant, x, cu):
+    return _call(_NaiveNS, variant, x, cu)
+
+
+def _grads(fn, x, seed):
+    """Forward + backward through a random loss on o and on ht; returns outputs and all grads."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
+    o, ht = fn(leaves)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    wh = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(ht.dtype)
+    loss = (o * wo).sum() + (ht * wh).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), ht.detach(), dict(zip(leaves.keys(), grads))
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_against_naive(mod, variant, x, cu, *, tol, seed=0, **kw):
+    """Assert forward, final state and every gradient of ``mod`` match the fp64 naive oracle."""
+    x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
+    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu), x64, seed)
+    got = _grads(lambda xs: run_op(mod, variant, {**x, **xs}, cu, **kw), x, seed)
+    errs = {"o": rel_err(got[0], ref[0]), "ht": rel_err(got[1], ref[1])}
+    for n in ref[2]:
+        errs["d" + n] = rel_err(got[2][n], ref[2][n])
+    for n, t in [("o", got[0]), ("ht", got[1]), *got[2].items()]:
+        assert torch.isfinite(t).all(), f"{variant}: non-finite {n}"
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"{variant}: relative errors over {tol}: {bad} (all: {errs})"
+    return errs
