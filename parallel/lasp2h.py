@@ -1,0 +1,217 @@
+"""LASP-2H: sequence parallelism for the causal softmax layers of a hybrid model.
+
+Each rank starts one AllGather of its K and V, computes the diagonal blocks (its queries
+against its own slices' keys, causal) while they fly, then each local query slice attends to
+all keys of the earlier slices (no mask) and the two partial results are merged by their
+log-sum-exp. Backward uses the merged output and LSE for every block (so each block's
+probabilities are the globally normalised ones and the gradients are exact), computes the
+past blocks first, starts one reduce-scatter that returns the K/V gradients to their owners,
+and computes the diagonal blocks while it flies.
+
+Blocks run on the flash kernel (CUDA, fp16/bf16, via aten's forward/backward entry points that
+expose the LSE) or on an exact math path (CPU, fp32/fp64; materialises the scores, tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel._sp_comm import all_gather_async, group_info, reduce_scatter_async
+from parallel.sequence_shard import (
+    check_layout,
+    local_slices,
+    merge_slots,
+    slice_owner,
+    slots_per_rank,
+    split_slots,
+)
+
+__all__ = ["lasp2h_attention", "attention_block_forward", "attention_block_backward"]
+
+
+def _backend(q: torch.Tensor) -> str:
+    forced = os.environ.get("LINSCALE_LASP2H_BACKEND")
+    if forced:
+        if forced not in ("flash", "math"):
+            raise ValueError(f"LINSCALE_LASP2H_BACKEND must be 'flash' or 'math', got {forced!r}")
+        return forced
+    ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    return "flash" if ok else "math"
+
+
+def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    return x if rep == 1 else x.repeat_interleave(rep, dim=2)
+
+
+def _fold_heads(dx: torch.Tensor, rep: int) -> torch.Tensor:
+    """``[B, T, Hkv * rep, D] -> [B, T, Hkv, D]`` summing each KV head's query group."""
+    return dx if rep == 1 else dx.unflatten(2, (-1, rep)).sum(3)
+
+
+def attention_block_forward(q, k, v, *, causal: bool, scale: float):
+    """One block of attention with its LSE.
+
+    q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]``; ``causal`` needs ``Tq == Tk``.
+    Returns ``o`` ``[B, Tq, Hq, D]`` (q's dtype) and ``lse`` ``[B, Hq, Tq]`` fp32 (fp64 for fp64).
+    """
+    rep = q.shape[2] // k.shape[2]
+    if _backend(q) == "flash":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2), 0.0, causal, False, scale=scale)
+        return out[0].transpose(1, 2), out[1].float()
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh = q.to(ct).transpose(1, 2)
+    kh, vh = (_repeat_kv(t, rep).to(ct).transpose(1, 2) for t in (k, v))
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.softmax(s, dim=-1) @ vh
+    return o.transpose(1, 2).to(q.dtype), lse
+
+
+def attention_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
+    """Gradients of one block given the MERGED output ``o`` and ``lse`` of its query rows.
+
+    Shapes as in :func:`attention_block_forward`; returns dq ``[B, Tq, Hq, D]``, dk, dv
+    ``[B, Tk, Hkv, D]`` in fp32 (fp64 for fp64 inputs).
+    """
+    rep = q.shape[2] // k.shape[2]
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if _backend(q) == "flash":
+        B, Tq, H, _ = q.shape
+        Tk = k.shape[1]
+        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do.to(q.dtype).transpose(1, 2), q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2), _repeat_kv(v, rep).transpose(1, 2),
+            o.to(q.dtype).transpose(1, 2), lse.contiguous(), empty, empty, Tq, Tk, 0.0,
+            causal, empty, empty, scale=scale)
+        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
+        return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
+    qh, doh, oh = (t.to(ct).transpose(1, 2) for t in (q, do, o))
+    kh, vh = (_repeat_kv(t, rep).to(ct).transpose(1, 2) for t in (k, v))
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    p = (s - lse.to(ct)[..., None]).exp()
+    if causal:
+        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
+    dp = doh @ vh.transpose(-1, -2)
+    ds = p * (dp - (doh * oh).sum(-1, keepdim=True))
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-1, -2) @ qh) * scale
+    dv = p.transpose(-1, -2) @ doh
+    return dq.transpose(1, 2), _fold_heads(dk.transpose(1, 2), rep), \
+        _fold_heads(dv.transpose(1, 2), rep)
+
+
+def _merge(o1, l1, o2, l2):
+    """Merge two partial attention results over disjoint key sets by their LSE."""
+    lse = torch.logaddexp(l1, l2)
+    w1 = (l1 - lse).exp().transpose(1, 2)[..., None]
+    w2 = (l2 - lse).exp().transpose(1, 2)[..., None]
+    return (o1.to(lse.dtype) * w1 + o2.to(lse.dtype) * w2).to(o1.dtype), lse
+
+
+class _Lasp2hAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout: str, scale: float):
+        rank, world = group_info(group)
+        n = slots_per_rank(layout)
+        B, T, Hkv, D = k.shape
+        ts = T // n
+        pending = all_gather_async(torch.stack([k, v]), group)  # [W, 2, B, T, Hkv, D]
+        qs, ks, vs = (split_slots(t, n) for t in (q, k, v))
+        o_diag, l_diag = attention_block_forward(qs, ks, vs, causal=True, scale=scale)
+        o_diag, l_diag = o_diag.unflatten(0, (n, B)), l_diag.unflatten(0, (n, B))
+        gathered = pending.wait().unflatten(3, (n, ts))  # [W, 2, B, n, ts, Hkv, D]
+        mine = local_slices(rank, world, layout)
+        order = [gathered[(o := slice_owner(j, world, layout))[0], :, :, o[1]]
+                 for j in range(max(mine))]
+        kv_past = torch.cat(order, dim=2) if order else None  # [2, B, max(mine) * ts, Hkv, D]
+        outs, lses = [], []
+        for i, j in enumerate(mine):
+            o_i, l_i = o_diag[i], l_diag[i]
+            if j > 0:
+                o_p, l_p = attention_block_forward(
+                    qs.unflatten(0, (n, B))[i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
+                    causal=False, scale=scale)
+                o_i, l_i = _merge(o_i, l_i, o_p, l_p)
+            outs.append(o_i)
+            lses.append(l_i)
+        o = torch.cat(outs, dim=1)
+        ctx.save_for_backward(q, k, v, o, torch.stack(lses), kv_past if order else q.new_empty(0))
+        ctx.meta = (group, layout, scale, rank, world)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lses, kv_past = ctx.saved_tensors
+        group, layout, scale, rank, world = ctx.meta
+        n = slots_per_rank(layout)
+        B, T, Hkv, D = k.shape
+        ts = T // n
+        mine = local_slices(rank, world, layout)
+        q_sl, do_sl, o_sl = (t.unflatten(1, (n, ts)) for t in (q, do, o))
+        dq = torch.zeros(q_sl.shape, dtype=torch.float64 if q.dtype == torch.float64
+                         else torch.float32, device=q.device)
+        # Past blocks first: their K/V gradients go to other ranks.
+        dkv_all = dq.new_zeros(world, 2, B, T, Hkv, D)
+        for i, j in enumerate(mine):
+            if j == 0:
+                continue
+            dq_p, dk_p, dv_p = attention_block_backward(
+                do_sl[:, i], q_sl[:, i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
+                o_sl[:, i], lses[i], causal=False, scale=scale)
+            dq[:, i] += dq_p
+            for jj in range(j):
+                r, slot = slice_owner(jj, world, layout)
+                sl = slice(slot * ts, (slot + 1) * ts)
+                dkv_all[r, 0, :, sl] += dk_p[:, jj * ts:(jj + 1) * ts]
+                dkv_all[r, 1, :, sl] += dv_p[:, jj * ts:(jj + 1) * ts]
+        pending = reduce_scatter_async(dkv_all, group)  # [2, B, T, Hkv, D]
+        dq_d, dk_d, dv_d = attention_block_backward(
+            split_slots(do, n), split_slots(q, n), split_slots(k, n), split_slots(v, n),
+            split_slots(o, n), lses.flatten(0, 1), causal=True, scale=scale)
+        dq = dq.flatten(1, 2) + merge_slots(dq_d, n)
+        dkv = pending.wait()
+        dk = dkv[0] + merge_slots(dk_d, n)
+        dv = dkv[1] + merge_slots(dv_d, n)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     group: dist.ProcessGroup | None, layout: str = "contiguous",
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal softmax attention (GQA) over the SP group's sequence.
+
+    Args:
+        q: ``[B, T_local, Hq, D]``; k, v: ``[B, T_local, Hkv, D]`` with ``Hq % Hkv == 0``.
+        group: the SP process group (None: the default group).
+        layout: ``"contiguous"`` or ``"zigzag"``.
+        scale: defaults to ``D ** -0.5``.
+
+    Returns:
+        ``[B, T_local, Hq, D]``, this shard of the single-device causal attention.
+    """
+    check_layout(layout)
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or \
+            q.shape[-1] != k.shape[-1] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must be [B, T, Hq, D] "
+                         "and [B, T, Hkv, D] with Hq a multiple of Hkv")
+    n = slots_per_rank(layout)
+    if q.shape[1] % n:
+        raise ValueError(f"q.shape[1] = {q.shape[1]} must be divisible by {n} for {layout!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    _, world = group_info(group)
+    if world == 1:
+        rep = q.shape[2] // k.shape[2]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2), is_causal=True, scale=scale)
+        return o.transpose(1, 2)
+    return _Lasp2hAttention.apply(q, k, v, group, layout, scale)
