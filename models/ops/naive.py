@@ -29,7 +29,8 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _one_sequence(q, k, v, g, gk, beta, scale, h0):
-    """q, k ``[T, H, K]``, v ``[T, H, V]``, g/beta ``[T, H]``, gk ``[T, H, K]``, h0 ``[H, K, V]``."""
+    """One sequence: q, k ``[T, H, K]``, v ``[T, H, V]``, g/beta ``[T, H]``, gk ``[T, H, K]``,
+    h0 ``[H, K, V]``."""
     T = q.shape[0]
     S = h0
     outs = []
@@ -117,7 +118,10 @@ def naive_recurrence(
 
 def naive_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
                       output_final_state=False, cu_seqlens=None):
-    """No decay (``g is None``) or scalar decay ``g`` ``[B, T, H]``; see :func:`naive_recurrence`."""
+    """No decay (``g is None``) or scalar decay ``g`` ``[B, T, H]``.
+
+    See :func:`naive_recurrence`.
+    """
     return naive_recurrence(q, k, v, g=g, scale=scale, initial_state=initial_state,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 

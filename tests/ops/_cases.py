@@ -56,8 +56,9 @@ def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, see
     return x, cu
 
 
-def _call(mod, variant, x, cu, **kw):
-    common = dict(initial_state=x["initial_state"], output_final_state=True, cu_seqlens=cu, **kw)
+def _call(mod, variant, x, cu, with_state=True, **kw):
+    common = dict(initial_state=x["initial_state"] if with_state else None,
+                  output_final_state=with_state, cu_seqlens=cu, **kw)
     if variant in ("linear", "scalar"):
         return mod.chunk_linear_attn(x["q"], x["k"], x["v"], x.get("g"), **common)
     if variant == "gla":
@@ -76,18 +77,24 @@ def run_op(mod, variant, x, cu, **kw):
     return _call(mod, variant, x, cu, **kw)
 
 
-def naive_op(variant, x, cu):
-    return _call(_NaiveNS, variant, x, cu)
+def naive_op(variant, x, cu, with_state=True):
+    return _call(_NaiveNS, variant, x, cu, with_state)
 
 
-def _grads(fn, x, seed):
+def _grads(fn, x, seed, with_state=True):
     """Forward + backward through a random loss on o and on ht; returns outputs and all grads."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if t is not None}
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()
+              if t is not None and (with_state or n != "initial_state")}
     o, ht = fn(leaves)
     gen = torch.Generator().manual_seed(seed + 1)
     wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-    wh = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(ht.dtype)
-    loss = (o * wo).sum() + (ht * wh).sum()
+    loss = (o * wo).sum()
+    if with_state:
+        wh = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(ht.dtype)
+        loss = loss + (ht * wh).sum()
+    else:
+        assert ht is None
+        ht = torch.ones(1)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return o.detach(), ht.detach(), dict(zip(leaves.keys(), grads))
 
@@ -97,11 +104,16 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_against_naive(mod, variant, x, cu, *, tol, seed=0, **kw):
-    """Assert forward, final state and every gradient of ``mod`` match the fp64 naive oracle."""
+def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, **kw):
+    """Assert forward, final state and every gradient of ``mod`` match the fp64 naive oracle.
+
+    ``with_state=False`` calls both without initial_state and with output_final_state=False.
+    """
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
-    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu), x64, seed)
-    got = _grads(lambda xs: run_op(mod, variant, {**x, **xs}, cu, **kw), x, seed)
+    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed,
+                 with_state)
+    got = _grads(lambda xs: run_op(mod, variant, {**x, **xs}, cu, with_state=with_state, **kw),
+                 x, seed, with_state)
     errs = {"o": rel_err(got[0], ref[0]), "ht": rel_err(got[1], ref[1])}
     for n in ref[2]:
         errs["d" + n] = rel_err(got[2][n], ref[2][n])

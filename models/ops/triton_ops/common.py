@@ -1,0 +1,117 @@
+"""Host-side helpers shared by the Triton ops: packing, group tables, gate-gradient scans."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+__all__ = ["Groups", "make_groups", "seq_reverse_cumsum", "check_inputs", "num_sms"]
+
+# Aim for this many programs in the per-group kernels, so that one long sequence fills the GPU.
+_TARGET_PROGRAMS = int(os.environ.get("LINSCALE_KERNEL_TARGET_PROGRAMS", "1024"))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@dataclass
+class Groups:
+    """Work split of a packed batch: groups of whole chunks, never crossing a sequence end.
+
+    bos/eos ``[G]`` int32 token ranges; seq_g0 ``[N + 1]`` int32 offsets of each sequence's
+    groups (in order); tok_seq ``[TT]`` sequence id per token (only built for varlen); cu the
+    int64 cumulative sequence lengths ``[N + 1]``.
+    """
+
+    bos: torch.Tensor
+    eos: torch.Tensor
+    seq_g0: torch.Tensor
+    cu: torch.Tensor
+    n_seq: int
+    n_groups: int
+    group_tokens: int
+    varlen: bool
+
+
+def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
+                programs_per_group: int, device: torch.device,
+                group_tokens: int | None = None) -> Groups:
+    """Cut every sequence into groups of ``group_tokens`` (a multiple of ``chunk``).
+
+    The default size gives about ``_TARGET_PROGRAMS`` programs when each group runs
+    ``programs_per_group`` programs (heads x state tiles).
+    """
+    if cu_seqlens is None:
+        n_seq, total = B, B * T
+        avg = T
+    else:
+        n_seq, total = cu_seqlens.numel() - 1, B * T
+        avg = max(1, total // max(n_seq, 1))
+    if group_tokens is None:
+        env = os.environ.get("LINSCALE_KERNEL_GROUP_TOKENS")
+        if env:
+            group_tokens = int(env)
+        else:
+            want = max(1, -(-_TARGET_PROGRAMS // max(1, n_seq * programs_per_group)))
+            group_tokens = max(4 * chunk, -(-avg // want))
+    group_tokens = max(chunk, -(-group_tokens // chunk) * chunk)
+    if cu_seqlens is None:
+        ng = max(1, triton.cdiv(T, group_tokens))
+        starts = torch.arange(ng, device=device) * group_tokens
+        seq = torch.arange(B, device=device)
+        bos = (seq[:, None] * T + starts[None, :]).flatten()
+        eos = torch.minimum(bos + group_tokens, (seq[:, None] * T + T).expand(B, ng).flatten())
+        seq_g0 = torch.arange(B + 1, device=device) * ng
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+        varlen = False
+    else:
+        cu_list = [int(x) for x in cu_seqlens.tolist()]
+        b_l, e_l, g0 = [], [], [0]
+        for s, e in zip(cu_list[:-1], cu_list[1:]):
+            for t in range(s, e, group_tokens):
+                b_l.append(t)
+                e_l.append(min(t + group_tokens, e))
+            g0.append(len(b_l))
+        bos = torch.tensor(b_l or [0], device=device)
+        eos = torch.tensor(e_l or [0], device=device)
+        seq_g0 = torch.tensor(g0, device=device)
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        varlen = True
+    i32 = torch.int32
+    return Groups(bos.to(i32).contiguous(), eos.to(i32).contiguous(), seq_g0.to(i32).contiguous(),
+                  cu, n_seq, int(bos.numel()), group_tokens, varlen)
+
+
+def seq_reverse_cumsum(x: torch.Tensor, groups: Groups, B: int, T: int) -> torch.Tensor:
+    """``y_t = sum_{s >= t, s in t's sequence} x_s`` along dim 0 of ``x`` ``[TT, ...]`` (fp32)."""
+    if not groups.varlen:
+        y = x.view(B, T, *x.shape[1:]).flip(1).cumsum(1).flip(1)
+        return y.reshape(x.shape)
+    # Whole-stream suffix sums in fp64, minus the suffix sum at each token's sequence end.
+    c = x.double().flip(0).cumsum(0).flip(0)
+    c = torch.cat([c, c.new_zeros((1, *c.shape[1:]))], 0)
+    lens = groups.cu[1:] - groups.cu[:-1]
+    ends = torch.repeat_interleave(groups.cu[1:], lens, output_size=x.shape[0])
+    return (c[:-1] - c[ends]).to(x.dtype)
+
+
+def check_inputs(q, k, v, initial_state, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != (B, T, H):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if K > 256 or V > 256:
+        raise ValueError(f"K and V must be <= 256, got K={K}, V={V}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs B == 1, got B = {B}")
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (n, H, K, V):
+        raise ValueError(f"initial_state must be {(n, H, K, V)}, got "
+                         f"{tuple(initial_state.shape)}")

@@ -1,0 +1,389 @@
+"""Triton kernels for the non-delta recurrences (no decay, scalar decay, per-channel decay).
+
+All tensors are flattened to one packed sequence of ``TT`` tokens (``[TT, H, D]``, contiguous),
+and the work is cut into *groups* of whole chunks of one sequence (a row of the group table
+gives its token range ``[bos, eos)``). A sequence is therefore processed like LASP-2 processes
+it across GPUs: every group computes its local state contribution and decay in parallel
+(:func:`local_state_kernel`), a short scan over groups per sequence composes them
+(:func:`group_scan_kernel`), and every group then replays its chunks from its exact incoming
+state (:func:`fwd_o_kernel`, and the backward kernels). Only one ``[K, V]`` state per group
+reaches memory.
+
+GATE: 0 none, 1 scalar log gate ``g`` ``[TT, H]``, 2 per-channel log gate ``gk`` ``[TT, H, K]``.
+Gates are summed within each chunk in fp32 (``b`` = inclusive in-chunk cumulative log gate), and
+every exponent is either ``b_i - b_j`` with ``i >= j``, ``b`` or ``b_last - b``: all <= 0.
+For GATE 2 the chunk is 16 tokens and the intra-chunk scores come from
+:func:`gla_intra_fwd_kernel` (exact ``[16, 16, K]`` products), their gradients from
+:func:`gla_intra_bwd_kernel`. Offsets are computed in int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "local_state_kernel",
+    "group_scan_kernel",
+    "fwd_o_kernel",
+    "bwd_dq_kernel",
+    "bwd_dk_kernel",
+    "bwd_dv_kernel",
+    "gla_intra_fwd_kernel",
+    "gla_intra_bwd_kernel",
+]
+
+
+@triton.jit
+def _rows(bos, eos, c, BT: tl.constexpr):
+    t = bos + c * BT + tl.arange(0, BT)
+    return t.to(tl.int64), t < eos
+
+
+@triton.jit
+def _load(ptr, t64, mt, h, H: tl.constexpr, D: tl.constexpr, offs, md):
+    return tl.load(ptr + (t64[:, None] * H + h) * D + offs[None, :],
+                   mask=mt[:, None] & md[None, :], other=0.0)
+
+
+@triton.jit
+def _store(ptr, val, t64, mt, h, H: tl.constexpr, D: tl.constexpr, offs, md):
+    tl.store(ptr + (t64[:, None] * H + h) * D + offs[None, :], val.to(ptr.dtype.element_ty),
+             mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _state_ptrs(ptr, idx, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, offs_k, offs_v):
+    base = (idx.to(tl.int64) * H + h) * K
+    return ptr + (base + offs_k[:, None]) * V + offs_v[None, :]
+
+
+@triton.jit
+def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                       REVERSE: tl.constexpr):
+    """Group-local state from a zero start. Forward: ``M = sum_c decay * (k e^(bl-b))^T v``.
+    REVERSE (adjoint): ``dM = scale * sum_c decay * (q e^b)^T do``, chunks last to first.
+    x = k or q ``[TT, H, K]``, y = v or do ``[TT, H, V]``; writes M ``[G, H, K, V]`` and the
+    group's summed log gate ``[G, H]`` / ``[G, H, K]``."""
+    pid_kv, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    offs_k = (pid_kv // NV) * BK + tl.arange(0, BK)
+    offs_v = (pid_kv % NV) * BV + tl.arange(0, BV)
+    mk, mv = offs_k < K, offs_v < V
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    n = tl.cdiv(eos - bos, BT)
+    acc = tl.zeros([BK, BV], tl.float32)
+    if GATE == 2:
+        dl = tl.zeros([BK], tl.float32)
+    else:
+        dl = tl.zeros([1], tl.float32)
+    for i in range(n):
+        c = n - 1 - i if REVERSE else i
+        t64, mt = _rows(bos, eos, c, BT)
+        x = _load(x_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+        y = _load(y_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        if GATE == 1:
+            gg = tl.load(g_ptr + t64 * H + pid_h, mask=mt, other=0.0).to(tl.float32)
+            b = tl.cumsum(gg, 0)
+            bl = tl.sum(gg, 0)
+            if REVERSE:
+                x = x * tl.exp(b)[:, None]
+            else:
+                x = x * tl.exp(bl - b)[:, None]
+            acc = acc * tl.exp(bl)
+            dl += bl
+        elif GATE == 2:
+            gg = _load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            b = tl.cumsum(gg, 0)
+            bl = tl.sum(gg, 0)
+            if REVERSE:
+                x = x * tl.exp(b)
+            else:
+                x = x * tl.exp(bl[None, :] - b)
+            acc = acc * tl.exp(bl)[:, None]
+            dl += bl
+        acc += tl.dot(tl.trans(x.to(y.dtype)), y)
+    if REVERSE:
+        acc = acc * scale
+    tl.store(_state_ptrs(m_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v), acc,
+             mask=mk[:, None] & mv[None, :])
+    if GATE == 2:  # noqa: SIM102 - constexpr branch around a runtime one
+        if pid_kv % NV == 0:
+            tl.store(dl_ptr + (pid_g.to(tl.int64) * H + pid_h) * K + offs_k, dl, mask=mk)
+    elif GATE == 1:  # noqa: SIM102
+        if pid_kv == 0:
+            tl.store(dl_ptr + pid_g.to(tl.int64) * H + pid_h + tl.arange(0, 1), dl)
+
+
+@triton.jit
+def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr,
+                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """Scan over one sequence's groups: ``hs[g] = h; h = exp(dl[g]) h + M[g]`` (REVERSE: from
+    the last group, hs then holds the adjoint at each group's end). h starts at h0[n] (or dht,
+    or zeros); the end value goes to hn[n] (the final state, or dh0)."""
+    pid_kv, n, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    offs_k = (pid_kv // NV) * BK + tl.arange(0, BK)
+    offs_v = (pid_kv % NV) * BV + tl.arange(0, BV)
+    msk = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    g0, g1 = tl.load(seq_g0 + n), tl.load(seq_g0 + n + 1)
+    if HAS_H0:
+        h = tl.load(_state_ptrs(h0_ptr, n, pid_h, H, K, V, offs_k, offs_v), mask=msk,
+                    other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BK, BV], tl.float32)
+    for i in range(g1 - g0):
+        g = g1 - 1 - i if REVERSE else g0 + i
+        tl.store(_state_ptrs(hs_ptr, g, pid_h, H, K, V, offs_k, offs_v), h, mask=msk)
+        m = tl.load(_state_ptrs(m_ptr, g, pid_h, H, K, V, offs_k, offs_v), mask=msk, other=0.0)
+        if GATE == 1:
+            h = h * tl.exp(tl.load(dl_ptr + g.to(tl.int64) * H + pid_h))
+        elif GATE == 2:
+            d = tl.load(dl_ptr + (g.to(tl.int64) * H + pid_h) * K + offs_k, mask=offs_k < K,
+                        other=0.0)
+            h = h * tl.exp(d)[:, None]
+        h = h + m
+    if STORE_FINAL:
+        tl.store(_state_ptrs(hn_ptr, n, pid_h, H, K, V, offs_k, offs_v), h, mask=msk)
+
+
+@triton.jit
+def _gates(g_ptr, t64, mt, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk, GATE: tl.constexpr):
+    """In-chunk inclusive cumulative log gate b and its chunk total bl (scalar or per channel)."""
+    if GATE == 2:
+        gg = _load(g_ptr, t64, mt, h, H, K, offs_k, mk).to(tl.float32)
+    else:
+        gg = tl.load(g_ptr + t64 * H + h, mask=mt, other=0.0).to(tl.float32)
+    return tl.cumsum(gg, 0), tl.sum(gg, 0)
+
+
+@triton.jit
+def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+    """``o = scale (q e^b h + A v)`` chunk by chunk from the group's incoming state (BK >= K)."""
+    pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk, mv = offs_k < K, offs_v < V
+    causal = offs_t[:, None] >= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+                mask=mk[:, None] & mv[None, :], other=0.0)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t64, mt = _rows(bos, eos, c, BT)
+        q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        dt = v.dtype
+        if GATE == 0:
+            a = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
+            o = tl.dot(q, h.to(dt))
+            kg = k
+        else:
+            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            if GATE == 1:
+                d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+                a = tl.dot(q, tl.trans(k)) * d
+                o = tl.dot((q * tl.exp(b)[:, None]).to(dt), h.to(dt))
+                kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+                h = h * tl.exp(bl)
+            else:
+                a = tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
+                            mask=mt[:, None], other=0.0)
+                o = tl.dot((q * tl.exp(b)).to(dt), h.to(dt))
+                kg = (k * tl.exp(bl[None, :] - b)).to(dt)
+                h = h * tl.exp(bl)[:, None]
+        o += tl.dot(a.to(dt), v)
+        _store(o_ptr, o * scale, t64, mt, pid_h, H, V, offs_v, mv)
+        h += tl.dot(tl.trans(kg), v)
+
+
+@triton.jit
+def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, g_bos, g_eos, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+    """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V)."""
+    pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk, mv = offs_k < K, offs_v < V
+    causal = offs_t[:, None] >= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+                mask=mk[:, None] & mv[None, :], other=0.0)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t64, mt = _rows(bos, eos, c, BT)
+        k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        dt = v.dtype
+        dq = tl.dot(do, tl.trans(h.to(dt)))
+        if GATE == 0:
+            da = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0)
+            dq += tl.dot(da.to(dt), k)
+            kg = k
+        else:
+            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            if GATE == 1:
+                d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+                da = tl.dot(do, tl.trans(v)) * d
+                dq = dq * tl.exp(b)[:, None] + tl.dot(da.to(dt), k)
+                kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+                h = h * tl.exp(bl)
+            else:
+                dq = dq * tl.exp(b)
+                kg = (k * tl.exp(bl[None, :] - b)).to(dt)
+                h = h * tl.exp(bl)[:, None]
+        dq = dq * scale
+        if GATE == 2:
+            dq += _load(dqi_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        _store(dq_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)
+        h += tl.dot(tl.trans(kg), v)
+
+
+@triton.jit
+def bwd_dk_kernel(q_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dk_ptr, g_bos, g_eos, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+    """``dk = e^(bl-b) v dH^T + scale (v do^T * D^T) q``, backward over chunks from the adjoint
+    at the group's end (BV >= V)."""
+    pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk, mv = offs_k < K, offs_v < V
+    anti = offs_t[:, None] <= offs_t[None, :]  # rows j, cols i >= j
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    dh = tl.load(_state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+                 mask=mk[:, None] & mv[None, :], other=0.0)
+    n = tl.cdiv(eos - bos, BT)
+    for i in range(n):
+        t64, mt = _rows(bos, eos, n - 1 - i, BT)
+        q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        dt = v.dtype
+        dk = tl.dot(v, tl.trans(dh.to(dt)))
+        if GATE == 0:
+            dat = tl.where(anti, tl.dot(v, tl.trans(do)), 0.0)
+            dk += scale * tl.dot(dat.to(dt), q)
+            qg = q
+        else:
+            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            if GATE == 1:
+                d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
+                dat = tl.dot(v, tl.trans(do)) * d
+                dk = dk * tl.exp(bl - b)[:, None] + scale * tl.dot(dat.to(dt), q)
+                qg = (q * tl.exp(b)[:, None]).to(dt)
+                dh = dh * tl.exp(bl)
+            else:
+                dk = dk * tl.exp(bl[None, :] - b)
+                dk += _load(dki_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+                qg = (q * tl.exp(b)).to(dt)
+                dh = dh * tl.exp(bl)[:, None]
+        _store(dk_ptr, dk, t64, mt, pid_h, H, K, offs_k, mk)
+        dh += scale * tl.dot(tl.trans(qg), do)
+
+
+@triton.jit
+def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_eos, scale,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+    """``dv = scale A^T do + (k e^(bl-b)) dH``, backward over chunks (BK >= K)."""
+    pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk, mv = offs_k < K, offs_v < V
+    anti = offs_t[:, None] <= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    dh = tl.load(_state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+                 mask=mk[:, None] & mv[None, :], other=0.0)
+    n = tl.cdiv(eos - bos, BT)
+    for i in range(n):
+        t64, mt = _rows(bos, eos, n - 1 - i, BT)
+        q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        dt = do.dtype
+        if GATE == 0:
+            at = tl.where(anti, tl.dot(k, tl.trans(q)), 0.0)
+            kg, qg = k, q
+        else:
+            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            if GATE == 1:
+                d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
+                at = tl.dot(k, tl.trans(q)) * d
+                kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+                qg = (q * tl.exp(b)[:, None]).to(dt)
+            else:
+                at = tl.trans(tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
+                                      mask=mt[:, None], other=0.0))
+                kg = (k * tl.exp(bl[None, :] - b)).to(dt)
+                qg = (q * tl.exp(b)).to(dt)
+        # dh is the adjoint of the state at this chunk's end: use it, then carry it back.
+        dv = scale * tl.dot(at.to(dt), do) + tl.dot(kg, dh.to(dt))
+        if GATE == 1:
+            dh = dh * tl.exp(bl)
+        elif GATE == 2:
+            dh = dh * tl.exp(bl)[:, None]
+        _store(dv_ptr, dv, t64, mt, pid_h, H, V, offs_v, mv)
+        dh += scale * tl.dot(tl.trans(qg), do)
+
+
+@triton.jit
+def gla_intra_fwd_kernel(q_ptr, k_ptr, g_ptr, a_ptr, g_bos, g_eos,
+                         H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr):
+    """Intra-chunk scores ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)`` (j <= i), unscaled, fp32
+    ``[TT, H, BT]``; exact [BT, BT, BKS] products over K slices."""
+    pid_g, pid_h = tl.program_id(0), tl.program_id(1)
+    offs_t = tl.arange(0, BT)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t64, mt = _rows(bos, eos, c, BT)
+        a = tl.zeros([BT, BT], tl.float32)
+        for k0 in range(0, K, BKS):
+            offs_k = k0 + tl.arange(0, BKS)
+            mk = offs_k < K
+            q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            b = tl.cumsum(_load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32), 0)
+            e = tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :],
+                                float("-inf")))
+            a += tl.sum(q[:, None, :] * k[None, :, :] * e, 2)
+        tl.store(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :], a, mask=mt[:, None])
+
+
+@triton.jit
+def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, dk_ptr, g_bos, g_eos,
+                         scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr):
+    """Intra-chunk parts of dq and dk for GATE 2 (fp32 ``[TT, H, K]``), from
+    ``dA = scale do v^T`` (j <= i) and the exact [BT, BT, BKS] decay products."""
+    pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_t = tl.arange(0, BT)
+    offs_v = tl.arange(0, BV)
+    offs_k = pid_k * BKS + tl.arange(0, BKS)
+    mk, mv = offs_k < K, offs_v < V
+    causal = offs_t[:, None] >= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t64, mt = _rows(bos, eos, c, BT)
+        do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        da = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0) * scale
+        q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+        k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+        b = tl.cumsum(_load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32), 0)
+        e = da[:, :, None] * tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :],
+                                             float("-inf")))
+        _store(dq_ptr, tl.sum(e * k[None, :, :], 1), t64, mt, pid_h, H, K, offs_k, mk)
+        _store(dk_ptr, tl.sum(e * q[:, None, :], 0), t64, mt, pid_h, H, K, offs_k, mk)

@@ -1,0 +1,66 @@
+"""Runs the Triton-interpreter op checks in a fresh process and prints one JSON line.
+
+TRITON_INTERPRET is read when a kernel is decorated, i.e. when models.ops.triton_ops is first
+imported; running here, in a subprocess, keeps that setting away from every other test.
+Usage: ``python tests/ops/_triton_worker.py nondelta|delta``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+# (id, variant, B, T, H, K, V, n_docs, group_tokens, with_state)
+CASES = {
+    "nondelta": [
+        ("linear", "linear", 2, 130, 2, 16, 32, None, 64, True),
+        ("linear_odd_kv", "linear", 1, 70, 1, 24, 40, None, None, True),
+        ("linear_no_state", "linear", 1, 100, 2, 16, 16, None, 64, False),
+        ("scalar", "scalar", 2, 130, 2, 32, 16, None, 64, True),
+        ("scalar_varlen", "scalar", 1, 200, 2, 16, 16, 3, 64, True),
+        ("gla", "gla", 2, 70, 2, 32, 16, None, 32, True),
+        ("gla_varlen", "gla", 1, 100, 2, 16, 16, 3, 32, True),
+        ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
+    ],
+    "delta": [
+        ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
+        ("delta_no_gate", "delta", 1, 70, 2, 32, 16, None, None, True),
+        ("gated_delta_varlen", "gated_delta", 1, 150, 2, 16, 16, 3, None, True),
+        ("gated_delta_no_state", "gated_delta", 1, 65, 1, 16, 16, None, None, False),
+    ],
+}
+
+
+def main(family: str) -> None:
+    from _cases import check_against_naive, make_inputs
+
+    import models.ops.triton_ops as mod
+
+    out = {}
+    for cid, variant, B, T, H, K, V, n_docs, gt, with_state in CASES[family]:
+        if gt is None:
+            os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS", None)
+        else:
+            os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
+        x, cu = make_inputs(variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32,
+                            seed=len(out) + 1)
+        try:
+            out[cid] = check_against_naive(mod, variant, x, cu, tol=float("inf"),
+                                           with_state=with_state)
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+            out[cid] = f"{type(exc).__name__}: {exc}"
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
