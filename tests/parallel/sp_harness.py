@@ -65,6 +65,8 @@ def run_suite(suite: str, world: int, *, timeout: float = 240.0) -> dict[str, di
                 m["ok"] &= res["ok"]
                 m["err"] = max(m["err"], res.get("err", 0.0))
                 m["s"] = max(m["s"], res.get("s", 0.0))
+                if "data" in res and r == 0:
+                    m["data"] = res["data"]
                 if res.get("msg"):
                     m["msg"] += f"[rank {r}] {res['msg']}\n"
         return merged
