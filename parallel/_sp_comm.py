@@ -18,6 +18,12 @@ __all__ = ["group_info", "global_rank", "Pending", "all_gather_async", "reduce_s
            "no_comm"]
 
 _SKIP_COMM = False
+# torch >= 2.13 renames the single-tensor collectives (the old names warn); torch 2.11 on the
+# GPU machines has only the old ones.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else \
+    "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else \
+    "reduce_scatter_tensor"
 
 
 def group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -66,7 +72,7 @@ def all_gather_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> Pendin
         out.copy_(x.expand_as(out))
         return Pending(out)
     # Flat buffers: backends disagree on how they read multi-dimensional ones.
-    work = dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=group, async_op=True)
+    work = getattr(dist, ALL_GATHER)(out.view(-1), x.view(-1), group=group, async_op=True)
     return Pending(out, work)
 
 
@@ -80,6 +86,6 @@ def reduce_scatter_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> Pe
     if _SKIP_COMM or world == 1:
         out.copy_(x[rank])
         return Pending(out)
-    work = dist.reduce_scatter_tensor(out.view(-1), x.view(-1), op=dist.ReduceOp.SUM,
-                                      group=group, async_op=True)
+    work = getattr(dist, REDUCE_SCATTER)(out.view(-1), x.view(-1), op=dist.ReduceOp.SUM,
+                                         group=group, async_op=True)
     return Pending(out, work)

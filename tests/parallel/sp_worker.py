@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import parallel._sp_comm as comm  # noqa: E402
 from models.ops import naive  # noqa: E402
 from parallel.conv_halo import sp_causal_conv  # noqa: E402
 from parallel.lasp2 import lasp2_gated_delta_rule, lasp2_gla, lasp2_linear_attn  # noqa: E402
@@ -185,8 +186,10 @@ def shard_case(layout: str):
 
 def count_case(variant: str, layout: str):
     """Exactly one collective (an all_gather) per layer in forward and one in backward."""
-    names = ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-             "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "all_to_all")
+    names = tuple(n for n in (
+        "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+        "reduce_scatter_tensor", "reduce_scatter_single", "all_reduce", "broadcast", "send",
+        "recv", "isend", "irecv", "all_to_all") if hasattr(dist, n))
 
     def run(rank, world, group):
         calls: list[str] = []
@@ -211,7 +214,7 @@ def count_case(variant: str, layout: str):
         finally:
             for n in names:
                 setattr(dist, n, saved[n])
-        if fwd != ["all_gather_into_tensor"] or bwd != ["all_gather_into_tensor"]:
+        if fwd != [comm.ALL_GATHER] or bwd != [comm.ALL_GATHER]:
             raise AssertionError(f"forward {fwd}, backward {bwd}")
         return 0.0
 
