@@ -103,6 +103,11 @@ def _pack(A: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
     return torch.cat([*parts, M.to(sd).reshape(*lead, -1)], dim=-1)
 
 
+def _no_autocast(device_type: str):
+    """The fold stays in fp32 under the trainer's bf16 autocast (KxK products, prefix sums)."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 @dataclass
 class _FoldState:
     """What the launch/finish pair of one layer shares (rank, layout, buffers in flight)."""
@@ -174,13 +179,14 @@ class _LaunchGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pieces: torch.Tensor, st: _FoldState) -> torch.Tensor:
         st.fwd = all_gather_async(pieces.detach(), st.group)
-        ctx.st = st
+        ctx.st, ctx.device_type = st, pieces.device.type
         return pieces.view_as(pieces)
 
     @staticmethod
     def backward(ctx, _ignored: torch.Tensor):
         st = ctx.st
-        return _fold_backward(st, st.bwd.wait()), None
+        with _no_autocast(ctx.device_type):
+            return _fold_backward(st, st.bwd.wait()), None
 
 
 class _FinishGather(torch.autograd.Function):
@@ -191,7 +197,8 @@ class _FinishGather(torch.autograd.Function):
     def forward(ctx, pieces: torch.Tensor, st: _FoldState) -> torch.Tensor:
         st.gathered = st.fwd.wait()
         st.fwd = None
-        st.s_in = _fold_forward(st, st.gathered)
+        with _no_autocast(pieces.device.type):
+            st.s_in = _fold_forward(st, st.gathered)
         ctx.st = st
         ctx.shape = pieces.shape
         return st.s_in.clone()
@@ -203,24 +210,31 @@ class _FinishGather(torch.autograd.Function):
         return d_s_in.new_zeros(ctx.shape), None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the T-long matmuls (M, cross term): the input's when it is 16-bit (tensor cores
+    with fp32 accumulation, like the kernels' own ``q S`` products), else the state dtype."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else state_dtype(x)
+
+
 def affine_pieces(kind: str, q, k, v, gate, *, scale: float):
-    """Pieces of the decay variants from torch ops, in the state dtype (fp32; fp64 for fp64).
+    """Pieces of the decay variants from torch ops.
 
     q, k ``[N, T, H, K]``, v ``[N, T, H, V]``, gate ``g`` ``[N, T, H]`` (scalar), ``gk``
-    ``[N, T, H, K]`` (vector) or None. Returns ``A`` (None / ``[N, H]`` / ``[N, H, K]``),
-    ``M`` ``[N, H, K, V]`` and ``q_x`` ``[N, T, H, K]`` with ``o_cross = q_x S_in``.
+    ``[N, T, H, K]`` (vector) or None. Returns ``A`` (None / ``[N, H]`` / ``[N, H, K]``) and
+    ``M`` ``[N, H, K, V]`` in the state dtype, and ``q_x`` ``[N, T, H, K]`` (compute dtype)
+    with ``o_cross = q_x S_in``. Gates are cumulated in fp32 (fp64 for fp64).
     """
-    sd = state_dtype(q)
-    kf, qf, vf = k.to(sd), q.to(sd) * scale, v.to(sd)
+    sd, cd = state_dtype(q), compute_dtype(q)
+    k, v = k.to(cd), v.to(cd)
     if kind == "none":
-        return None, torch.einsum("nthk,nthv->nhkv", kf, vf), qf
+        return None, torch.einsum("nthk,nthv->nhkv", k, v).to(sd), q.to(cd) * scale
     gc = gate.to(sd).cumsum(1)
     gT = gc[:, -1]
-    to_end, from_start = (gT[:, None] - gc).exp(), gc.exp()
+    to_end, from_start = (gT[:, None] - gc).exp(), gc.exp() * scale
     if kind == "scalar":
         to_end, from_start = to_end[..., None], from_start[..., None]
-    M = torch.einsum("nthk,nthv->nhkv", kf * to_end, vf)
-    return gT.exp(), M, qf * from_start
+    M = torch.einsum("nthk,nthv->nhkv", (k * to_end).to(cd), v).to(sd)
+    return gT.exp(), M, (q * from_start).to(cd)
 
 
 def _check(q, k, v, layout: str, n: int) -> None:
@@ -267,8 +281,9 @@ def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op)
     if family != "gated_delta_rule":
         o_intra = op(qs, ks, vs, *gs, scale=scale)[0]  # overlaps the AllGather
     s_in = _FinishGather.apply(pieces, st).flatten(0, 1)  # [n * B, H, K, V]
-    o_cross = torch.einsum("nthk,nhkv->nthv", q_x.to(s_in.dtype), s_in)
-    return merge_slots((o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype), n)
+    cd = compute_dtype(q)
+    o_cross = torch.einsum("nthk,nhkv->nthv", q_x.to(cd), s_in.to(cd))
+    return merge_slots((o_intra.to(s_in.dtype) + o_cross.to(s_in.dtype)).to(o_intra.dtype), n)
 
 
 def lasp2_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -120,6 +120,17 @@ def _merge(o1, l1, o2, l2):
 class _Lasp2hAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, layout: str, scale: float):
+        # Blocks, merges and gradient sums in the inputs' precision even under autocast.
+        with torch.autocast(q.device.type, enabled=False):
+            return _Lasp2hAttention._forward(ctx, q, k, v, group, layout, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):
+            return _Lasp2hAttention._backward(ctx, do)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, group, layout: str, scale: float):
         rank, world = group_info(group)
         n = slots_per_rank(layout)
         B, T, Hkv, D = k.shape
@@ -149,7 +160,7 @@ class _Lasp2hAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx, do):
+    def _backward(ctx, do):
         q, k, v, o, lses, kv_past = ctx.saved_tensors
         group, layout, scale, rank, world = ctx.meta
         n = slots_per_rank(layout)

@@ -81,6 +81,6 @@ def lasp1_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kind = "none" if g is None else "scalar"
     A, M, q_x = affine_pieces(kind, q, k, v, g, scale=scale)
     s_in = _RingStates.apply(M, A, group, kind)
-    o_cross = torch.einsum("nthk,nhkv->nthv", q_x, s_in)
-    return (o_intra.to(o_cross.dtype) + o_cross).to(o_intra.dtype)
+    o_cross = torch.einsum("nthk,nhkv->nthv", q_x, s_in.to(q_x.dtype)).to(s_in.dtype)
+    return (o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype)
 

@@ -229,6 +229,10 @@ def ops_cases(world: int) -> dict[str, tuple[Callable, float]]:
                 lasp2_case(variant, layout, torch.float64, "naive"), 1e-9)
             cases[f"lasp2-{variant}-{layout}-fp32-chunk"] = (
                 lasp2_case(variant, layout, torch.float32, "chunk"), 2e-4)
+        cases[f"lasp2-delta-{layout}-bf16-chunk"] = (
+            lasp2_case("delta", layout, torch.bfloat16, "chunk"), 5e-2)
+        cases[f"lasp2-gla-{layout}-bf16-chunk"] = (
+            lasp2_case("gla", layout, torch.bfloat16, "chunk"), 5e-2)
         cases[f"lasp2h-gqa-{layout}"] = (lasp2h_case(layout, 4, 2), 1e-9)
         cases[f"lasp2h-mha-{layout}"] = (lasp2h_case(layout, 2, 2), 1e-9)
         cases[f"conv-halo-w4-{layout}"] = (conv_case(layout, 4), 1e-12)
