@@ -38,7 +38,7 @@ from parallel.sequence_shard import (
 )
 
 __all__ = ["lasp2_linear_attn", "lasp2_gla", "lasp2_gated_delta_rule", "resolve_op",
-           "affine_pieces", "state_dtype"]
+           "affine_pieces", "cross_term", "state_dtype", "compute_dtype"]
 
 _OP_NAMES = {"linear_attn": "chunk_linear_attn", "gla": "chunk_gla",
              "gated_delta_rule": "chunk_gated_delta_rule"}
@@ -216,6 +216,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else state_dtype(x)
 
 
+def cross_term(q_x: torch.Tensor, s_in: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``q_x S_in``: q_x ``[N, T, H, K]``, s_in ``[N, H, K, V]`` -> ``[N, T, H, V]`` (state dtype).
+
+    With 16-bit inputs the state is split into a 16-bit head and its 16-bit remainder, two
+    tensor-core matmuls that keep ~16 mantissa bits of the fp32 state (one cast would keep 8).
+    """
+    if cd == s_in.dtype:
+        return torch.einsum("nthk,nhkv->nthv", q_x.to(cd), s_in)
+    hi = s_in.to(cd)
+    lo = (s_in - hi.to(s_in.dtype)).to(cd)
+    q_x = q_x.to(cd)
+    out = torch.einsum("nthk,nhkv->nthv", q_x, hi).to(s_in.dtype)
+    return out + torch.einsum("nthk,nhkv->nthv", q_x, lo).to(s_in.dtype)
+
+
 def affine_pieces(kind: str, q, k, v, gate, *, scale: float):
     """Pieces of the decay variants from torch ops.
 
@@ -281,9 +296,8 @@ def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op)
     if family != "gated_delta_rule":
         o_intra = op(qs, ks, vs, *gs, scale=scale)[0]  # overlaps the AllGather
     s_in = _FinishGather.apply(pieces, st).flatten(0, 1)  # [n * B, H, K, V]
-    cd = compute_dtype(q)
-    o_cross = torch.einsum("nthk,nhkv->nthv", q_x.to(cd), s_in.to(cd))
-    return merge_slots((o_intra.to(s_in.dtype) + o_cross.to(s_in.dtype)).to(o_intra.dtype), n)
+    o_cross = cross_term(q_x, s_in, compute_dtype(q))
+    return merge_slots((o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype), n)
 
 
 def lasp2_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

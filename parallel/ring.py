@@ -13,7 +13,15 @@ import torch.distributed as dist
 
 import parallel._sp_comm as comm
 from parallel._sp_comm import global_rank, group_info
-from parallel.lasp2 import _apply, _apply_adjoint, _grad_A, affine_pieces, resolve_op
+from parallel.lasp2 import (
+    _apply,
+    _apply_adjoint,
+    _grad_A,
+    affine_pieces,
+    compute_dtype,
+    cross_term,
+    resolve_op,
+)
 
 __all__ = ["lasp1_linear_attn"]
 
@@ -81,6 +89,6 @@ def lasp1_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kind = "none" if g is None else "scalar"
     A, M, q_x = affine_pieces(kind, q, k, v, g, scale=scale)
     s_in = _RingStates.apply(M, A, group, kind)
-    o_cross = torch.einsum("nthk,nhkv->nthv", q_x, s_in.to(q_x.dtype)).to(s_in.dtype)
+    o_cross = cross_term(q_x, s_in, compute_dtype(q))
     return (o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype)
 
