@@ -41,14 +41,23 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / ".complete").is_file()]
+    steps = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / ".complete").is_file()
+    ]
     return max(steps)[1] if steps else None
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, *,
-                    keep_last: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    *,
+    keep_last: int = 2,
+) -> Path:
     """Write the checkpoint of ``step`` (all ranks must call this)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
@@ -72,16 +81,18 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        done = sorted((int(m.group(1)), p) for p in root.iterdir()
-                      if (m := _STEP_DIR.match(p.name)))
+        done = sorted(
+            (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+        )
         for _, old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
     """Load model and optimizer in place; return this rank's trainer state."""
     path = Path(path)
     msd, osd = get_state_dict(model, optimizer)
@@ -89,8 +100,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=True),
+    )
     part = path / f"trainer_rank{_rank():05d}.pt"
     if not part.is_file():
         raise FileNotFoundError(

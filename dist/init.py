@@ -16,8 +16,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "destroy_distributed", "first_slurm_host", "init_distributed",
-           "read_dist_env"]
+__all__ = [
+    "DistEnv",
+    "destroy_distributed",
+    "first_slurm_host",
+    "init_distributed",
+    "read_dist_env",
+]
 
 
 @dataclass(frozen=True)
@@ -46,15 +51,25 @@ def read_dist_env(environ: dict | None = None) -> DistEnv:
     """Work out rank and world from torchrun's or SLURM's variables (single process if none)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                       "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or first_slurm_host(nodelist), port, "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            port,
+            "slurm",
+        )
     return DistEnv(0, 1, 0, "127.0.0.1", 29500, "single")
 
 
@@ -68,9 +83,12 @@ def init_distributed(*, device_type: str, timeout_s: float = 600.0) -> DistEnv:
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         dist.init_process_group(
             backend="nccl" if device_type == "cuda" else "gloo",
-            rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
             device_id=torch.device("cuda", torch.cuda.current_device())
-            if device_type == "cuda" else None,
+            if device_type == "cuda"
+            else None,
         )
     return env
 

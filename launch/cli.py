@@ -32,8 +32,10 @@ def _train(ns: argparse.Namespace) -> int:
         destroy_distributed()
     if trainer.rank == 0 and history:
         first, last = history[0], history[-1]
-        print(f"trained {len(history)} steps: loss {first.loss:.4f} -> {last.loss:.4f}; "
-              f"metrics in {cfg.run_path() / 'metrics.jsonl'}")
+        print(
+            f"trained {len(history)} steps: loss {first.loss:.4f} -> {last.loss:.4f}; "
+            f"metrics in {cfg.run_path() / 'metrics.jsonl'}"
+        )
     return 0
 
 
@@ -50,17 +52,24 @@ def _bench(ns: argparse.Namespace) -> int:
     if not script.is_file():
         names = sorted(p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py"))
         raise ConfigError(f"unknown benchmark {ns.name!r}; available: {', '.join(names)}")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get(
-        "PYTHONPATH", ""))
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     return subprocess.call([sys.executable, str(script), *ns.args], env=env)
 
 
 def _slurm(ns: argparse.Namespace) -> int:
     from launch.slurm import render_sbatch
 
-    text = render_sbatch(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, config=ns.config,
-                         overrides=ns.set, job_name=ns.job_name, time=ns.time,
-                         partition=ns.partition)
+    text = render_sbatch(
+        nodes=ns.nodes,
+        gpus_per_node=ns.gpus_per_node,
+        config=ns.config,
+        overrides=ns.set,
+        job_name=ns.job_name,
+        time=ns.time,
+        partition=ns.partition,
+    )
     if ns.out:
         Path(ns.out).write_text(text)
         print(f"wrote {ns.out}; submit with: sbatch {ns.out}")
@@ -75,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model (defaults: tiny model, stdlib corpus)")
     tr.add_argument("--config", "-c", help="YAML run config (see configs/)")
-    tr.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="override one config field; repeatable")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field; repeatable",
+    )
     tr.set_defaults(func=_train)
 
     rp = sub.add_parser("report", help="scaling-efficiency report (table + plot) from results")

@@ -72,8 +72,9 @@ class ParallelConfig:
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     """How a sequence is split over the SP group: contiguous slices, or zigzag (2*sp slices,
     rank r holds r and 2*sp-1-r) to balance causal softmax work in hybrids."""
-    pp_schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble",
-                         "ZBVZeroBubble"] = "1F1B"
+    pp_schedule: Literal[
+        "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"
+    ] = "1F1B"
     """torch.distributed.pipelining schedule."""
     pp_microbatches: int | None = None
     """Microbatches per step (default: the number of pipeline stages)."""
@@ -87,19 +88,19 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    steps: int = 120
+    steps: int = 200
     """Optimizer steps."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Sequences per optimizer step, over all data-parallel ranks (global batch)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step (batch_size must divide by dp * grad_accum)."""
-    seq_len: int = 256
+    seq_len: int = 512
     """Tokens per sequence (the whole sequence, before SP splits it)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (cosine decay)."""
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only)."""
@@ -185,8 +186,11 @@ class Config:
         """The :class:`models.llama.ModelArgs` this config asks for (validated)."""
         from models.presets import get_preset
 
-        overrides = {k: v for k, v in dataclasses.asdict(self.model).items()
-                     if k != "preset" and v is not None}
+        overrides = {
+            k: v
+            for k, v in dataclasses.asdict(self.model).items()
+            if k != "preset" and v is not None
+        }
         try:
             args = get_preset(self.model.preset, **overrides)
             args.validate()
@@ -243,6 +247,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; accept what float() reads.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -76,8 +76,9 @@ def load_tokenizer(spec: str):
     if spec == "byte":
         return ByteTokenizer()
     if not Path(spec).is_file():
-        raise ConfigError(f"data.tokenizer must be 'byte' or an existing tokenizer.json, got "
-                          f"{spec!r}")
+        raise ConfigError(
+            f"data.tokenizer must be 'byte' or an existing tokenizer.json, got {spec!r}"
+        )
     return HFTokenizer(spec)
 
 
@@ -116,13 +117,15 @@ def megatron_tokens(prefix: str) -> np.ndarray:
     """Every document of a Megatron ``.bin``/``.idx`` corpus, concatenated."""
     for ext in (".bin", ".idx"):
         if not Path(prefix + ext).is_file():
-            raise ConfigError(f"data.path: {prefix + ext!r} does not exist (give the prefix "
-                              f"without .bin/.idx)")
+            raise ConfigError(
+                f"data.path: {prefix + ext!r} does not exist (give the prefix without .bin/.idx)"
+            )
     try:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
     except ImportError:
-        raise ConfigError("data.source megatron needs megatron-core: "
-                          "pip install 'linscale[megatron]'") from None
+        raise ConfigError(
+            "data.source megatron needs megatron-core: pip install 'linscale[megatron]'"
+        ) from None
     ds = IndexedDataset(prefix, mmap=True)
     return np.concatenate([np.asarray(ds[i], dtype=np.int32) for i in range(len(ds))])
 
@@ -143,15 +146,17 @@ class PackedDataset:
         self.seq_len = seq_len
         self.num_samples = (len(tokens) - 1) // seq_len
         if self.num_samples < 1:
-            raise ConfigError(f"the corpus has {len(tokens)} tokens, fewer than training.seq_len "
-                              f"+ 1 = {seq_len + 1}")
+            raise ConfigError(
+                f"the corpus has {len(tokens)} tokens, fewer than training.seq_len "
+                f"+ 1 = {seq_len + 1}"
+            )
 
     def __len__(self) -> int:
         return self.num_samples
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = index * self.seq_len
-        w = torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))
+        w = torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
         return w[:-1], w[1:]
 
 
@@ -167,11 +172,13 @@ class MQARDataset:
     hold ``2V + 1`` ids.
     """
 
-    def __init__(self, seq_len: int, *, pairs: int, vocab: int, seed: int,
-                 num_samples: int = 1 << 20) -> None:
+    def __init__(
+        self, seq_len: int, *, pairs: int, vocab: int, seed: int, num_samples: int = 1 << 20
+    ) -> None:
         if 4 * pairs > seq_len:
-            raise ConfigError(f"data.mqar_pairs ({pairs}) needs training.seq_len >= "
-                              f"{4 * pairs}, got {seq_len}")
+            raise ConfigError(
+                f"data.mqar_pairs ({pairs}) needs training.seq_len >= {4 * pairs}, got {seq_len}"
+            )
         if pairs > vocab:
             raise ConfigError(f"data.mqar_pairs ({pairs}) must be <= data.mqar_vocab ({vocab})")
         self.seq_len, self.pairs, self.vocab, self.seed = seq_len, pairs, vocab, seed
@@ -187,10 +194,10 @@ class MQARDataset:
         keys = torch.randperm(V, generator=g)[:P]
         vals = torch.randint(V, 2 * V, (P,), generator=g)
         seq = torch.full((T + 1,), 2 * V, dtype=torch.int64)
-        seq[0:2 * P:2], seq[1:2 * P:2] = keys, vals
+        seq[0 : 2 * P : 2], seq[1 : 2 * P : 2] = keys, vals
         order = torch.randperm(P, generator=g)
         q0 = T + 1 - 2 * P
-        seq[q0::2], seq[q0 + 1::2] = keys[order], vals[order]
+        seq[q0::2], seq[q0 + 1 :: 2] = keys[order], vals[order]
         inputs, labels = seq[:-1].clone(), seq[1:].clone()
         mask = torch.ones(T, dtype=torch.bool)
         mask[q0::2] = False  # predict the value right after each query key
@@ -203,22 +210,29 @@ def build_dataset(cfg: DataConfig, *, seq_len: int, seed: int, vocab_size: int):
     if cfg.source == "mqar":
         ds = MQARDataset(seq_len, pairs=cfg.mqar_pairs, vocab=cfg.mqar_vocab, seed=seed)
         if ds.vocab_size > vocab_size:
-            raise ConfigError(f"data.mqar_vocab = {cfg.mqar_vocab} needs model.vocab_size >= "
-                              f"{ds.vocab_size}, got {vocab_size}")
+            raise ConfigError(
+                f"data.mqar_vocab = {cfg.mqar_vocab} needs model.vocab_size >= "
+                f"{ds.vocab_size}, got {vocab_size}"
+            )
         return ds
     if cfg.source == "megatron":
         tokens = megatron_tokens(cfg.path)
     else:
         tok = load_tokenizer(cfg.tokenizer)
         if tok.vocab_size > vocab_size:
-            raise ConfigError(f"data.tokenizer has {tok.vocab_size} ids but model.vocab_size is "
-                              f"{vocab_size}")
-        files = stdlib_files(cfg.max_files) if cfg.source == "stdlib" else \
-            user_files(cfg.path, cfg.max_files)
+            raise ConfigError(
+                f"data.tokenizer has {tok.vocab_size} ids but model.vocab_size is {vocab_size}"
+            )
+        files = (
+            stdlib_files(cfg.max_files)
+            if cfg.source == "stdlib"
+            else user_files(cfg.path, cfg.max_files)
+        )
         tokens = tokenize_files(files, tok)
     if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"data: token id {int(tokens.max())} does not fit model.vocab_size "
-                          f"{vocab_size}")
+        raise ConfigError(
+            f"data: token id {int(tokens.max())} does not fit model.vocab_size {vocab_size}"
+        )
     return PackedDataset(tokens, seq_len)
 
 
@@ -235,8 +249,9 @@ class BatchIterator:
         dp_rank, dp_size: this rank's share is ``global_batch // dp_size`` sequences.
     """
 
-    def __init__(self, dataset, *, global_batch: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, dataset, *, global_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0
+    ) -> None:
         if global_batch % dp_size:
             raise ValueError(f"global batch {global_batch} not divisible by dp {dp_size}")
         self.dataset, self.global_batch = dataset, global_batch
@@ -260,8 +275,11 @@ class BatchIterator:
         return Batch(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
 
     def state_dict(self) -> dict:
-        return {"batches_done": self.batches_done, "seed": self.seed,
-                "global_batch": self.global_batch}
+        return {
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("global_batch", self.global_batch) != self.global_batch:

@@ -47,13 +47,17 @@ def scaling_rows(paths: list[str]) -> list[dict]:
 
 def write_scaling_report(paths: list[str], out_prefix: str) -> Path:
     rows = scaling_rows(paths)
-    lines = ["| name | GPUs | tokens/s | tokens/s/GPU | MFU | efficiency |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| name | GPUs | tokens/s | tokens/s/GPU | MFU | efficiency |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r.get("name", ""), r["gpus"])):
         eff = f"{r['efficiency']:.3f}" if r["efficiency"] is not None else "-"
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "-"
-        lines.append(f"| {r.get('name', 'run')} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {eff} |")
+        lines.append(
+            f"| {r.get('name', 'run')} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {eff} |"
+        )
     md = Path(out_prefix + ".md")
     md.write_text("\n".join(lines) + "\n")
     import matplotlib
@@ -64,8 +68,11 @@ def write_scaling_report(paths: list[str], out_prefix: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = sorted({r.get("name", "run") for r in rows})
     for n in names:
-        pts = sorted((r["gpus"], r["efficiency"]) for r in rows
-                     if r.get("name", "run") == n and r["efficiency"] is not None)
+        pts = sorted(
+            (r["gpus"], r["efficiency"])
+            for r in rows
+            if r.get("name", "run") == n and r["efficiency"] is not None
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")

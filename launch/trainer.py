@@ -17,7 +17,6 @@ from torch import nn
 
 from dist import (
     ParallelDims,
-    get_logger,
     get_rng_state,
     init_distributed,
     set_rng_state,
@@ -48,16 +47,18 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: Config, *, fused: bool
-                    ) -> torch.optim.AdamW:
+def build_optimizer(params: list[nn.Parameter], cfg: Config, *, fused: bool) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms, biases or gate scalars)."""
     t = cfg.training
     decay = [p for p in params if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                             fused=fused or None)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None
+    )
 
 
 @dataclass
@@ -83,14 +84,20 @@ class Trainer:
         t = cfg.training
         if t.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device is cuda but no CUDA GPU is visible")
-        self.device_type = "cuda" if (t.device == "cuda" or (
-            t.device == "auto" and torch.cuda.is_available())) else "cpu"
+        self.device_type = (
+            "cuda"
+            if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
+            else "cpu"
+        )
         self.env = init_distributed(device_type=self.device_type)
         validate(cfg, world_size=self.env.world_size)
         self.log = setup_logging(self.env.rank)
         self.rank = self.env.rank
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if self.device_type == "cuda" else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.device_type == "cuda"
+            else torch.device("cpu")
+        )
         p = cfg.parallel
         self.dims = ParallelDims(pp=p.pp, dp=p.dp, sp=p.sp, world_size=self.env.world_size)
         if self.dims.world_size > 1:
@@ -99,13 +106,17 @@ class Trainer:
         self.dp_rank, self.sp_rank, self.pp_rank = coords["dp"], coords["sp"], coords["pp"]
         if t.dtype == "bf16" and self.device_type == "cpu":
             self.log.warning("training.dtype bf16 on CPU: autocast to bf16 is slow there")
-        self.autocast_dtype = (torch.bfloat16 if (t.dtype == "bf16" or (
-            t.dtype == "auto" and self.device_type == "cuda")) else None)
+        self.autocast_dtype = (
+            torch.bfloat16
+            if (t.dtype == "bf16" or (t.dtype == "auto" and self.device_type == "cuda"))
+            else None
+        )
 
         set_seed(t.seed)
         self.model_args = cfg.model_args()
-        self.dataset = build_dataset(cfg.data, seq_len=t.seq_len, seed=t.seed,
-                                     vocab_size=self.model_args.vocab_size)
+        self.dataset = build_dataset(
+            cfg.data, seq_len=t.seq_len, seed=t.seed, vocab_size=self.model_args.vocab_size
+        )
         with torch.device(self.device):
             model = LinearLlama(self.model_args)
         self.num_params = sum(q.numel() for q in model.parameters())
@@ -113,25 +124,34 @@ class Trainer:
         if self.dims.pp_enabled:
             from parallel.pipeline import build_pipeline
 
-            self.pipeline = build_pipeline(model, self.dims, cfg, device=self.device,
-                                           autocast_dtype=self.autocast_dtype)
+            self.pipeline = build_pipeline(
+                model, self.dims, cfg, device=self.device, autocast_dtype=self.autocast_dtype
+            )
             self.model_parts = self.pipeline.model_parts
         else:
-            parallelize_model(model, self.dims, layout=p.layout,
-                              activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp)
+            parallelize_model(
+                model,
+                self.dims,
+                layout=p.layout,
+                activation_checkpointing=p.activation_checkpointing,
+                fsdp=p.fsdp,
+            )
             self.model_parts = [model]
         self.params = [q for m in self.model_parts for q in m.parameters()]
         self.optimizer = build_optimizer(self.params, cfg, fused=self.device_type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps,
-                                min_ratio=t.min_lr_ratio),
+            lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio),
         )
-        self.data = BatchIterator(self.dataset, global_batch=t.batch_size // t.grad_accum,
-                                  dp_rank=self.dp_rank, dp_size=self.dims.dp, seed=t.seed)
+        self.data = BatchIterator(
+            self.dataset,
+            global_batch=t.batch_size // t.grad_accum,
+            dp_rank=self.dp_rank,
+            dp_size=self.dims.dp,
+            seed=t.seed,
+        )
         self.step = 0
-        self.metrics = MetricsWriter(cfg.run_path() / "metrics.jsonl" if self.rank == 0
-                                     else None)
+        self.metrics = MetricsWriter(cfg.run_path() / "metrics.jsonl" if self.rank == 0 else None)
         self.peak_flops = peak_flops(self.device)
         self.flops_per_token = model_flops_per_token(self.num_params)
         self.history: list[StepResult] = []
@@ -162,13 +182,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                "data": self.data.state_dict(), "rng": get_rng_state()}
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": get_rng_state(),
+        }
 
     def save(self) -> None:
         root = self.cfg.checkpoint_dir()
-        path = save_checkpoint(root, self.step, self._ckpt_module(), self.optimizer,
-                               self.trainer_state(), keep_last=self.cfg.checkpoint.keep_last)
+        path = save_checkpoint(
+            root,
+            self.step,
+            self._ckpt_module(),
+            self.optimizer,
+            self.trainer_state(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
         self.log.info("saved checkpoint %s", path)
 
     def _ckpt_module(self) -> nn.Module:
@@ -195,8 +225,9 @@ class Trainer:
             return self.pipeline.step(batch, global_tokens)
         model = self.model_parts[0]
         inputs, labels, pos = self._shard(batch)
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
             hidden = model(inputs, position_ids=pos)
             loss = model.loss(hidden, labels) / global_tokens
         loss.backward()
@@ -207,16 +238,18 @@ class Trainer:
         t = self.cfg.training
         micro = [self.data.next_batch() for _ in range(t.grad_accum)]
         local = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
-        global_tokens = self._all_reduce(
-            torch.tensor(float(local), device=self.device), "dp")
+        global_tokens = self._all_reduce(torch.tensor(float(local), device=self.device), "dp")
         global_tokens = global_tokens.clamp(min=1.0)
         loss = torch.zeros((), device=self.device)
         for b in micro:
             loss += self.forward_backward_step(b, global_tokens)
+        if self.pipeline is not None:  # tied embedding: first and last stage hold a copy each
+            self.pipeline.sync_tied_gradients()
         if not self.cfg.parallel.fsdp:
             allreduce_gradients(self.params, self._group("dp_sp"))
-        norm = clip_grad_norm_(self.params, t.grad_clip,
-                               pp_group=self._group("pp") if self.dims.pp_enabled else None)
+        norm = clip_grad_norm_(
+            self.params, t.grad_clip, pp_group=self._group("pp") if self.dims.pp_enabled else None
+        )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,11 +261,20 @@ class Trainer:
             self._all_reduce(loss, "pp")
         if self.device_type == "cuda":
             torch.cuda.synchronize()
-        tokens = int(global_tokens.item()) if self.cfg.data.source != "mqar" else \
-            t.batch_size * t.seq_len
-        return StepResult(self.step, float(loss), float(norm), lr,
-                          t.batch_size * t.seq_len, time.perf_counter() - t0,
-                          {"target_tokens": tokens})
+        tokens = (
+            int(global_tokens.item())
+            if self.cfg.data.source != "mqar"
+            else t.batch_size * t.seq_len
+        )
+        return StepResult(
+            self.step,
+            float(loss),
+            float(norm),
+            lr,
+            t.batch_size * t.seq_len,
+            time.perf_counter() - t0,
+            {"target_tokens": tokens},
+        )
 
     def train(self, *, stop_at: int | None = None) -> list[StepResult]:
         """Train to ``training.steps`` (or stop early at ``stop_at``, for tests)."""
@@ -244,25 +286,44 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
-        self.log.info("model %.1fM params, world %d (pp %d, dp %d, sp %d), device %s, %s",
-                      self.num_params / 1e6, self.dims.world_size, self.dims.pp, self.dims.dp,
-                      self.dims.sp, self.device, self.autocast_dtype or "fp32")
+        self.log.info(
+            "model %.1fM params, world %d (pp %d, dp %d, sp %d), device %s, %s",
+            self.num_params / 1e6,
+            self.dims.world_size,
+            self.dims.pp,
+            self.dims.dp,
+            self.dims.sp,
+            self.device,
+            self.autocast_dtype or "fp32",
+        )
         for model in self.model_parts:
             model.train()
         while self.step < end:
             r = self.train_step()
             self.history.append(r)
             tps = r.tokens / r.seconds
-            mfu = (self.flops_per_token * tps / (self.peak_flops * self.dims.world_size)
-                   if self.peak_flops else None)
+            mfu = (
+                self.flops_per_token * tps / (self.peak_flops * self.dims.world_size)
+                if self.peak_flops
+                else None
+            )
             mem = peak_memory_gb(self.device)
             if r.step % self.cfg.logging.log_every == 0 or r.step == end:
-                self.metrics.write({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm,
-                                    "lr": r.lr, "tokens": r.tokens, "seconds": r.seconds,
-                                    "tokens_per_s": tps, "mfu": mfu, "peak_mem_gb": mem})
+                self.metrics.write(
+                    {
+                        "step": r.step,
+                        "loss": r.loss,
+                        "grad_norm": r.grad_norm,
+                        "lr": r.lr,
+                        "tokens": r.tokens,
+                        "seconds": r.seconds,
+                        "tokens_per_s": tps,
+                        "mfu": mfu,
+                        "peak_mem_gb": mem,
+                    }
+                )
             if bar is not None:
-                post = {"loss": f"{r.loss:.3f}", "tok/s": f"{tps:,.0f}",
-                        "mem": f"{mem:.1f}GB"}
+                post = {"loss": f"{r.loss:.3f}", "tok/s": f"{tps:,.0f}", "mem": f"{mem:.1f}GB"}
                 if mfu is not None:
                     post["mfu"] = f"{mfu:.2f}"
                 bar.set_postfix(post, refresh=False)
@@ -273,7 +334,10 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        if ck.enabled and self.step == t.steps and (not self.history or
-                                                    self.history[-1].step == self.step):
+        if (
+            ck.enabled
+            and self.step == t.steps
+            and (not self.history or self.history[-1].step == self.step)
+        ):
             self.save()
         return self.history

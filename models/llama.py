@@ -71,16 +71,20 @@ class ModelArgs:
                 f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
             )
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head size model.dim / model.n_heads = "
-                             f"{self.dim // self.n_heads} must be even (RoPE)")
+            raise ValueError(
+                f"head size model.dim / model.n_heads = "
+                f"{self.dim // self.n_heads} must be even (RoPE)"
+            )
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({kv})"
             )
         if self.kernel_backend not in ("auto", "triton", "reference"):
-            raise ValueError(f"model.kernel_backend must be auto, triton or reference, "
-                             f"got {self.kernel_backend!r}")
+            raise ValueError(
+                f"model.kernel_backend must be auto, triton or reference, "
+                f"got {self.kernel_backend!r}"
+            )
 
     def num_params(self) -> int:
         """Parameter count (with tied embeddings counted once), without building the model."""
@@ -98,12 +102,15 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         if kind == "L":
             self.attention = LinearAttention(
-                args.dim, args.n_heads, variant=args.linear_variant, conv_size=args.conv_size,
-                backend=args.kernel_backend, norm_eps=args.norm_eps,
+                args.dim,
+                args.n_heads,
+                variant=args.linear_variant,
+                conv_size=args.conv_size,
+                backend=args.kernel_backend,
+                norm_eps=args.norm_eps,
             )
         else:
-            self.attention = SoftmaxAttention(args.dim, args.n_heads,
-                                              num_kv_heads=args.n_kv_heads)
+            self.attention = SoftmaxAttention(args.dim, args.n_heads, num_kv_heads=args.n_kv_heads)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = SwiGLU(args.dim, args.ffn_dim)
 
@@ -158,8 +165,9 @@ class LinearLlama(nn.Module):
             raise RuntimeError("tied head needs tok_embeddings on this stage")
         return self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, *, position_ids: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, *, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens ``[B, T]`` int (or hidden ``[B, T, dim]`` on a later pipeline stage).
 
         position_ids ``[T]``: global positions of these tokens (``arange(T)`` when None);
@@ -175,14 +183,18 @@ class LinearLlama(nn.Module):
             h = layer(h, rope)
         return self.norm(h) if self.norm is not None else h
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
-             ) -> torch.Tensor:
+    def loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
+    ) -> torch.Tensor:
         """Summed (not averaged) next-token cross-entropy, in fp32.
 
         hidden ``[B, T, dim]``, labels ``[B, T]`` (``ignore_index`` where no target). Callers
         divide by the global number of target tokens so that every parallel layout agrees.
         """
         return chunked_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), self.head_weight, labels.reshape(-1),
-            chunk_tokens=self.args.loss_chunk_tokens, ignore_index=ignore_index,
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.head_weight,
+            labels.reshape(-1),
+            chunk_tokens=self.args.loss_chunk_tokens,
+            ignore_index=ignore_index,
         )

@@ -19,13 +19,21 @@ class _ChunkedCE(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w \
+        dw = (
+            torch.zeros(
+                weight.shape,
+                dtype=torch.promote_types(weight.dtype, torch.float32),
+                device=weight.device,
+            )
+            if need_w
             else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        )
+        cd = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
+        total = torch.zeros((), dtype=cd, device=hidden.device)
         for s in range(0, N, chunk_tokens):
-            h = hidden[s:s + chunk_tokens]
-            y = labels[s:s + chunk_tokens]
-            logits = (h @ weight.t()).float()  # [n, V]
+            h = hidden[s : s + chunk_tokens]
+            y = labels[s : s + chunk_tokens]
+            logits = (h @ weight.t()).to(cd)  # [n, V]
             valid = y != ignore_index
             y_safe = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)
@@ -38,9 +46,9 @@ class _ChunkedCE(torch.autograd.Function):
                 grad *= valid[:, None]
                 g = grad.to(hidden.dtype)
                 if need_h:
-                    dh[s:s + chunk_tokens] = g @ weight
+                    dh[s : s + chunk_tokens] = g @ weight
                 if need_w:
-                    dw += (g.t() @ h).float()
+                    dw += (g.t() @ h).to(dw.dtype)
         ctx.save_for_backward(dh, dw)
         return total
 
@@ -48,7 +56,7 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         dh, dw = ctx.saved_tensors
         gh = (dh * grad_out.to(dh.dtype)) if dh is not None else None
-        gw = (dw * grad_out).to(ctx.weight_dtype) if dw is not None else None
+        gw = (dw * grad_out.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
         return gh, gw, None, None, None
 
 
@@ -69,7 +77,7 @@ def chunked_cross_entropy(
         chunk_tokens: tokens per chunk of logits.
 
     Returns:
-        fp32 scalar: the summed loss.
+        fp32 scalar (fp64 for fp64 inputs): the summed loss.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")

@@ -1,10 +1,11 @@
-"""Data parallelism: gradient reduction over the replicas of each parameter, and a global
-gradient-norm clip that also spans pipeline stages.
+"""Data parallelism: gradient reduction over the replicas of each parameter (all-reduce, or
+FSDP2 sharding), and a global gradient-norm clip that also spans pipeline stages.
 
 With sequence parallelism the ranks of one SP group hold the same parameters but different
 tokens, so every parameter's gradient is summed over the flattened ``dp_sp`` mesh view (once,
-never twice). The loss is a sum divided by the global token count, so a SUM all-reduce gives
-exactly the single-device gradient.
+never twice). The loss is a sum divided by the global token count, so a SUM reduction gives
+exactly the single-device gradient. FSDP2 shards over that same ``dp_sp`` view, with its
+gradient divide factor set to 1 (a sum, not FSDP's default mean).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "clip_grad_norm_"]
+__all__ = ["allreduce_gradients", "apply_fsdp", "clip_grad_norm_", "exclude_from_grad_norm"]
+
+_NOT_IN_NORM = "_linscale_not_in_grad_norm"
 
 
-def allreduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | None,
-                        *, bucket_mb: float = 64.0) -> None:
+def allreduce_gradients(
+    params: list[nn.Parameter], group: dist.ProcessGroup | None, *, bucket_mb: float = 64.0
+) -> None:
     """Sum ``p.grad`` over ``group`` in flat buckets (a parameter without grad gets zeros)."""
     if group is None or dist.get_world_size(group) == 1:
         return
@@ -49,21 +53,85 @@ def allreduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | N
     flush()
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, *,
-                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def apply_fsdp(model: nn.Module, dims, *, reshard_after_forward: bool | None = None) -> nn.Module:
+    """Shard ``model`` (a LinearLlama or a pipeline stage of one) with FSDP2 over ``dp_sp``.
+
+    Each block in ``model.layers`` is its own FSDP unit, the rest (embedding, norm, head) the
+    root's. Gradients are summed over ``dp x sp`` by the reduce-scatter (divide factor 1), so
+    the trainer must not all-reduce them again. Parameters become DTensors sharded on dim 0.
+
+    Args:
+        dims: a :class:`dist.parallel_dims.ParallelDims` with its mesh built.
+        reshard_after_forward: free the gathered blocks after forward; default: yes without
+            PP, no with PP (each microbatch would gather them again).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = dims.mesh["dp_sp"]
+    if reshard_after_forward is None:
+        reshard_after_forward = not dims.pp_enabled
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # Gloo has no PREMUL_SUM: reduce with SUM and scale separately (by 1).
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def exclude_from_grad_norm(param: nn.Parameter) -> nn.Parameter:
+    """Mark ``param`` as a copy whose gradient is already counted elsewhere in the global norm
+    (the last pipeline stage's copy of a tied embedding); it is still clipped."""
+    setattr(param, _NOT_IN_NORM, True)
+    return param
+
+
+def _sq_sum(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+
+
+def clip_grad_norm_(
+    params: list[nn.Parameter], max_norm: float, *, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Clip to a global L2 norm; the norm is summed over pipeline stages when ``pp_group``.
+
+    Plain gradients are replicas (already reduced over ``dp_sp``) and count as they are;
+    DTensor gradients (FSDP2 shards) have their squared sums added over their mesh; gradients of
+    parameters marked by :func:`exclude_from_grad_norm` are clipped but not counted.
 
     Returns the (pre-clip) total norm as an fp32 scalar tensor. ``max_norm <= 0`` only measures.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    else:
-        local = torch.zeros((), dtype=torch.float32,
-                            device=params[0].device if params else "cpu")
+    device = params[0].device if params else "cpu"
+    plain, sharded = [], {}
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        local = g.to_local() if hasattr(g, "to_local") else g
+        grads.append(local)
+        if getattr(p, _NOT_IN_NORM, False):
+            continue
+        if local is g:
+            plain.append(g)
+        else:
+            sharded.setdefault(id(g.device_mesh), (g.device_mesh, []))[1].append(local)
+    total_sq = _sq_sum(plain, device)
+    for mesh, locals_ in sharded.values():
+        part = _sq_sum(locals_, device)
+        if mesh.size() > 1:
+            if mesh.ndim != 1:
+                raise NotImplementedError("clip_grad_norm_ handles 1-D FSDP meshes only")
+            dist.all_reduce(part, group=mesh.get_group())
+        total_sq = total_sq + part
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(local, group=pp_group)
-    total = local.sqrt()
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:

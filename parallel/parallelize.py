@@ -13,8 +13,14 @@ from parallel.checkpointing import apply_activation_checkpointing
 __all__ = ["parallelize_model"]
 
 
-def parallelize_model(model: nn.Module, dims: ParallelDims, *, layout: str = "contiguous",
-                      activation_checkpointing: str = "none", fsdp: bool = False) -> nn.Module:
+def parallelize_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    *,
+    layout: str = "contiguous",
+    activation_checkpointing: str = "none",
+    fsdp: bool = False,
+) -> nn.Module:
     """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place."""
     if dims.sp_enabled:
         from parallel.sequence_parallel import apply_sequence_parallel

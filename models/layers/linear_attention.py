@@ -37,8 +37,11 @@ _GATE_NORMALIZER = 16.0
 def default_attn_op(op_family: str, *, backend: str = "auto") -> Callable[..., torch.Tensor]:
     """The single-device op of a family (looked up in :mod:`models.ops` at call time),
     returning only ``o``."""
-    name = {"linear_attn": "chunk_linear_attn", "gla": "chunk_gla",
-            "gated_delta_rule": "chunk_gated_delta_rule"}[op_family]
+    name = {
+        "linear_attn": "chunk_linear_attn",
+        "gla": "chunk_gla",
+        "gated_delta_rule": "chunk_gated_delta_rule",
+    }[op_family]
 
     def attn_op(*args, scale=None):
         import models.ops as ops
@@ -93,16 +96,16 @@ class LinearAttention(nn.Module):
         self.dim, self.num_heads, self.variant = dim, num_heads, variant
         self.head_dim = dim // num_heads
         self.op_family = _FAMILY[variant]
-        self.attn_op: Callable[..., torch.Tensor] = default_attn_op(self.op_family,
-                                                                    backend=backend)
+        self.attn_op: Callable[..., torch.Tensor] = default_attn_op(self.op_family, backend=backend)
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.o_norm = RMSNorm(self.head_dim, eps=norm_eps)
         if variant in ("lightning", "retention"):
-            self.register_buffer("log_decay", fixed_decay(variant, num_heads).float(),
-                                 persistent=False)
+            self.register_buffer(
+                "log_decay", fixed_decay(variant, num_heads).float(), persistent=False
+            )
         if variant == "simple_gla":
             self.g_proj = nn.Linear(dim, num_heads, bias=True)
         if variant == "gla":

@@ -23,9 +23,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[..., dim]`` -> ``[..., dim]`` in x's dtype."""
-        xf = x.float()
+        cd = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cd)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(cd)).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

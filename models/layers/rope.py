@@ -28,13 +28,16 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids ``[T]`` (int) -> cos, sin ``[T, head_dim // 2]`` in fp32."""
+        """position_ids ``[T]`` (int) -> cos, sin ``[T, head_dim // 2]`` in fp64."""
         inv_freq = 1.0 / (
             self.theta
-            ** (torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
-                / self.head_dim)
+            ** (
+                torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
+                / self.head_dim
+            )
         )
-        freqs = position_ids.float()[:, None] * inv_freq[None, :]
+        # fp64 angles: exact for positions in the millions, cast once for the caller.
+        freqs = position_ids.double()[:, None] * inv_freq.double()[None, :]
         return freqs.cos(), freqs.sin()
 
 
@@ -43,7 +46,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     x ``[B, T, H, D]``, cos/sin ``[T, D/2]`` -> ``[B, T, H, D]`` in x's dtype.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
+    cd = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(cd).chunk(2, dim=-1)
+    c = cos[None, :, None, :].to(cd)
+    s = sin[None, :, None, :].to(cd)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)

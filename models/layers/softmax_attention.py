@@ -13,8 +13,9 @@ from models.layers.rope import apply_rotary
 __all__ = ["SoftmaxAttention", "sdpa_causal"]
 
 
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
-                ) -> torch.Tensor:
+def sdpa_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
     """Causal attention on full local sequences.
 
     q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` -> ``[B, T, Hq, D]``.

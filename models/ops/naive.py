@@ -107,7 +107,13 @@ def naive_recurrence(
             return None if x is None else x[b, s:e].to(sd)
 
         o_n, S_n = _one_sequence(
-            cut(q), cut(k), cut(v), cut(g), cut(gk), cut(beta), scale,
+            cut(q),
+            cut(k),
+            cut(v),
+            cut(g),
+            cut(gk),
+            cut(beta),
+            scale,
             initial_state[n].to(sd),
         )
         o[b, s:e] = o_n
@@ -116,25 +122,53 @@ def naive_recurrence(
     return o.to(v.dtype), ht
 
 
-def naive_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
-                      output_final_state=False, cu_seqlens=None):
+def naive_linear_attn(
+    q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """No decay (``g is None``) or scalar decay ``g`` ``[B, T, H]``.
 
     See :func:`naive_recurrence`.
     """
-    return naive_recurrence(q, k, v, g=g, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return naive_recurrence(
+        q,
+        k,
+        v,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
-def naive_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None):
+def naive_gla(
+    q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Per-key-channel decay ``gk`` ``[B, T, H, K]``; see :func:`naive_recurrence`."""
-    return naive_recurrence(q, k, v, gk=gk, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return naive_recurrence(
+        q,
+        k,
+        v,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
-def naive_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                           output_final_state=False, cu_seqlens=None):
+def naive_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Gated delta rule with ``g`` ``[B, T, H]`` (or None) and ``beta`` ``[B, T, H]``."""
-    return naive_recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return naive_recurrence(
+        q,
+        k,
+        v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

@@ -1,0 +1,79 @@
+"""Run a function on N gloo ranks in spawned processes and collect each rank's return value.
+
+Usage: ``results = run_ranks(fn, world, *args)``, with ``fn(rank, world, *args)`` a module-level
+function (it must be picklable). The process group is initialised before ``fn`` runs and torn
+down after; an exception on any rank fails the call with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["free_port", "run_ranks"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, out_dir, env):
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, env: dict | None = None) -> list:
+    """Spawn ``world`` processes running ``fn(rank, world, *args)``; return their results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, port, fn, args, out_dir, env or {}),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join():
+                pass
+        except Exception as e:
+            msgs = []
+            for r in range(world):
+                p = os.path.join(out_dir, f"rank{r}.pt")
+                if os.path.exists(p):
+                    res = torch.load(p, weights_only=False)
+                    if not res["ok"]:
+                        msgs.append(f"--- rank {r}:\n{res['error']}")
+            raise RuntimeError("a rank failed:\n" + "\n".join(msgs or [str(e)])) from None
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)["result"]
+            for r in range(world)
+        ]
