@@ -1,0 +1,293 @@
+"""Sequence-parallel scaling of Linear-Llama3-1B (pure linear and 1/4 hybrid), batch 1.
+
+Launch once on the GPUs of one host; every SP degree up to the world size runs in the same
+launch (ranks outside a configuration's SP group wait)::
+
+    torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --out benchmarks/results/sp_scaling.json
+    torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --quick          # smoke test, ~1 min
+    torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --only weak-linear,strong-linear
+
+Groups: ``weak-*`` (32K tokens per GPU, sp = 1, 2, 4), ``strong-*`` (128K tokens in total),
+``*-linear`` (layer pattern L; LASP-2 and the LASP-1 ring) and ``*-hybrid`` (LLLN; LASP-2 with
+LASP-2H, contiguous and zigzag layouts). A training step is bf16 autocast with fp32 parameters,
+full per-block activation checkpointing, chunked cross-entropy, a sum of gradients over the SP
+group and fused AdamW. Each configuration is timed three ways:
+
+- ``step_s``: the real step (median of ``--steps``);
+- ``step_nosp_s``: the same with the SP collectives replaced by local copies (wrong values,
+  same compute); ``exposed_sp_comm = step_s - step_nosp_s``;
+- ``step_nocomm_s``: also without the gradient all-reduce; its per-rank times give the load
+  balance of the layout (``imbalance = slowest / fastest``).
+
+MFU = model FLOPs / (step_s * sp * peak), with model FLOPs per step
+``6 * N_params * tokens + 6 * n_softmax_layers * dim * T^2 * B`` (causal attention, forward
+and backward, recomputation not counted; linear attention's own O(T d D) FLOPs left out) and
+peak = 729 TFLOP/s, the measured H100 bf16 matmul ceiling (``--peak-tflops``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+               ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.llama import LinearLlama  # noqa: E402
+from models.presets import get_preset  # noqa: E402
+from parallel._sp_comm import no_comm  # noqa: E402
+from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from parallel.data_parallel import allreduce_gradients  # noqa: E402
+from parallel.sequence_parallel import (  # noqa: E402
+    apply_sequence_parallel,
+    remove_sequence_parallel,
+)
+from parallel.sequence_shard import shard_position_ids, shard_sequence  # noqa: E402
+
+K = 1024
+
+
+def configs(world: int, per_gpu: int, only: set[str] | None) -> list[dict]:
+    """Every configuration to run, in order (weak, then strong; linear, then hybrid)."""
+    total = 4 * per_gpu
+    sps = [s for s in (1, 2, 4) if s <= world]
+    out = []
+    for model in ("linear", "hybrid"):
+        impls = [("lasp2", "contiguous"), ("lasp1", "contiguous")] if model == "linear" else \
+            [("lasp2", "contiguous"), ("lasp2", "zigzag")]
+        for group, tokens in (("weak", lambda s: per_gpu * s), ("strong", lambda s: total)):
+            name = f"{group}-{model}"
+            if only and name not in only:
+                continue
+            for sp in sps:
+                for impl, layout in (impls if sp > 1 else [("none", "contiguous")]):
+                    out.append({"group": name, "model": model, "sp": sp, "impl": impl,
+                                "layout": layout, "seq_len": tokens(sp)})
+    return out
+
+
+def build_model(model: str, size: str, device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    pattern = "L" if model == "linear" else "LLLN"
+    if size == "cpu":
+        args = get_preset("tiny", dim=64, n_layers=4, n_heads=2, ffn_dim=128,
+                          layer_pattern=pattern)
+    elif size == "quick":
+        args = get_preset("linear-llama3-1b", dim=512, n_layers=4, n_heads=4, n_kv_heads=4,
+                          ffn_dim=1536, vocab_size=32000, layer_pattern=pattern)
+    else:
+        args = get_preset("linear-llama3-1b", layer_pattern=pattern)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = LinearLlama(args)
+    apply_activation_checkpointing(m, mode="full")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=device.type == "cuda")
+    return m, opt
+
+
+def model_flops(m: LinearLlama, tokens: int, seq_len: int) -> float:
+    a = m.args
+    n_params = sum(p.numel() for p in m.parameters())
+    n_softmax = a.layer_kinds().count("N")
+    return 6.0 * n_params * tokens + 6.0 * n_softmax * a.dim * seq_len**2
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(m, opt, batch, group, device, *, n: int, warmup: int, sp_comm: bool,
+               grad_comm: bool, autocast: bool) -> list[float]:
+    """Seconds per step on this rank (after ``warmup`` untimed steps)."""
+    tokens, labels, pos, total = batch
+    params = [p for p in m.parameters()]
+    times = []
+    for i in range(warmup + n):
+        _sync(device)
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            if not sp_comm:
+                stack.enter_context(no_comm())
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16,
+                                               enabled=autocast))
+            loss = m.loss(m(tokens, position_ids=pos), labels) / total
+        loss.backward()
+        if grad_comm and group is not None:
+            allreduce_gradients(params, group)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
+    sp, layout = cfg["sp"], cfg["layout"]
+    group = groups.get(sp)
+    remove_sequence_parallel(m)
+    if sp > 1:
+        apply_sequence_parallel(m, group=group, layout=layout,
+                                linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2")
+    T = cfg["seq_len"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    full = torch.randint(0, m.args.vocab_size, (1, T + 1), device=device, generator=gen)
+    kw = {"rank": rank, "world": sp, "layout": layout}
+    batch = (shard_sequence(full[:, :-1], dim=1, **kw), shard_sequence(full[:, 1:], dim=1, **kw),
+             shard_position_ids(T, device=device, **kw), float(T))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    common = {"group": group, "device": device, "autocast": device.type == "cuda"}
+    real = time_steps(m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True,
+                      grad_comm=True, **common)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+    n_aux = max(2, args.steps // 2)
+    nosp = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=True,
+                      **common)
+    nocomm = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False,
+                        **common)
+    return {"step_s": statistics.median(real), "step_nosp_s": statistics.median(nosp),
+            "step_nocomm_s": statistics.median(nocomm), "peak_mem_gb": peak}
+
+
+def summarise(cfg: dict, per_rank: list[dict], flops: float, peak_tflops: float) -> dict:
+    sp, T = cfg["sp"], cfg["seq_len"]
+    step = max(r["step_s"] for r in per_rank)
+    nosp = max(r["step_nosp_s"] for r in per_rank)
+    compute = [r["step_nocomm_s"] for r in per_rank]
+    row = dict(cfg)
+    row.update(
+        step_s=step, step_nosp_s=nosp, step_nocomm_s=max(compute),
+        rank_compute_s=compute, imbalance=max(compute) / min(compute),
+        exposed_sp_comm_s=step - nosp, exposed_sp_comm_pct=100 * (step - nosp) / step,
+        exposed_all_comm_pct=100 * (step - max(compute)) / step,
+        tokens_per_s=T / step, tokens_per_s_per_gpu=T / step / sp,
+        mfu=flops / (step * sp * peak_tflops * 1e12),
+        peak_mem_gb=max(r["peak_mem_gb"] for r in per_rank))
+    return row
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
+              f"T={r['seq_len'] / K:.1f}K  ERROR {r['error'][:120]}", flush=True)
+        return
+    print(f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
+          f"T={r['seq_len'] / K:5.1f}K step {r['step_s'] * 1e3:8.1f} ms  "
+          f"{r['tokens_per_s']:9.0f} tok/s ({r['tokens_per_s_per_gpu']:7.0f}/GPU)  "
+          f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
+          f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
+          f"imbalance {r['imbalance']:.3f}", flush=True)
+
+
+def headline(rows: list[dict]) -> dict:
+    """Weak-scaling efficiency, LASP-2 / LASP-1 speed and worst exposed communication."""
+    ok = [r for r in rows if "error" not in r]
+    out: dict = {}
+    for model in ("linear", "hybrid"):
+        weak = {(r["sp"], r["layout"]): r for r in ok
+                if r["group"] == f"weak-{model}" and r["impl"] in ("lasp2", "none")}
+        base = weak.get((1, "contiguous"))
+        for (sp, layout), r in sorted(weak.items()):
+            if base and sp > 1:
+                out[f"weak_eff_{model}_sp{sp}_{layout}"] = r["mfu"] / base["mfu"]
+    for r in ok:
+        if r["impl"] == "lasp1":
+            twin = next((x for x in ok if x["group"] == r["group"] and x["sp"] == r["sp"]
+                         and x["impl"] == "lasp2"), None)
+            if twin:
+                out[f"lasp2_over_lasp1_{r['group']}_sp{r['sp']}"] = r["step_s"] / twin["step_s"]
+    sp_rows = [r for r in ok if r["sp"] > 1]
+    if sp_rows:
+        out["max_exposed_sp_comm_pct"] = max(r["exposed_sp_comm_pct"] for r in sp_rows)
+        zig = [r["imbalance"] for r in sp_rows if r["layout"] == "zigzag"]
+        if zig:
+            out["max_zigzag_imbalance"] = max(zig)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small model and 4K tokens per GPU")
+    p.add_argument("--only", default="", help="comma list of groups, e.g. weak-linear")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=729.0)
+    p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after each row)")
+    p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo)")
+    args = p.parse_args()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if args.cpu:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=dt.timedelta(seconds=600))
+    else:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", timeout=dt.timedelta(seconds=600), device_id=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = {s: dist.new_group(list(range(s))) for s in (2, 4) if s <= world}
+    only = {s for s in args.only.split(",") if s} or None
+    meta = {"card": "cpu" if args.cpu else torch.cuda.get_device_name(device), "world": world,
+            "torch": torch.__version__, "command": " ".join(["torchrun", *sys.argv]),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(), "args": vars(args),
+            "flops_formula": "6*N*tokens + 6*n_softmax*dim*T^2 (per step, batch 1)"}
+    with contextlib.suppress(ImportError):
+        import triton
+
+        meta["triton"] = triton.__version__
+    rows: list[dict] = []
+    built: tuple | None = None
+    size = "cpu" if args.cpu else ("quick" if args.quick else "full")
+    per_gpu = {"cpu": 64, "quick": 4 * K, "full": 32 * K}[size]
+    for cfg in configs(world, per_gpu, only):
+        if built is None or built[0] != cfg["model"]:
+            built = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            built = (cfg["model"], *build_model(cfg["model"], size, device))
+        _, m, opt = built
+        res: dict = {}
+        if rank < cfg["sp"]:
+            try:
+                res = run_config(cfg, m, opt, rank, groups, args, device)
+            except torch.cuda.OutOfMemoryError as e:  # sp = 1 only can be caught safely
+                res = {"error": f"OOM: {str(e)[:200]}"}
+                opt.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, res)
+        if rank == 0:
+            part = gathered[: cfg["sp"]]
+            errs = [g["error"] for g in part if "error" in g]
+            row = dict(cfg, error=errs[0]) if errs else summarise(
+                cfg, part, model_flops(m, cfg["seq_len"], cfg["seq_len"]), args.peak_tflops)
+            rows.append(row)
+            print_row(row)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(
+                    {"meta": meta, "headline": headline(rows), "rows": rows}, indent=1))
+    if rank == 0:
+        print(json.dumps(headline(rows), indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
