@@ -56,14 +56,16 @@ def attention_block_forward(q, k, v, *, causal: bool, scale: float):
     """One block of attention with its LSE.
 
     q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]``; ``causal`` needs ``Tq == Tk``.
-    Returns ``o`` ``[B, Tq, Hq, D]`` (q's dtype) and ``lse`` ``[B, Hq, Tq]`` fp32 (fp64 for fp64).
+    Returns ``o`` ``[B, Tq, Hq, D]`` (q's dtype), ``lse`` ``[B, Hq, Tq]`` fp32 (fp64 for fp64)
+    and what the backward of the flash kernel needs from its forward (None for math).
     """
     rep = q.shape[2] // k.shape[2]
     if _backend(q) == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2),
             _repeat_kv(v, rep).transpose(1, 2), 0.0, causal, False, scale=scale)
-        return out[0].transpose(1, 2), out[1].float()
+        # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), passed back verbatim.
+        return out[0].transpose(1, 2), out[1].float(), tuple(out[2:8])
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qh = q.to(ct).transpose(1, 2)
     kh, vh = (_repeat_kv(t, rep).to(ct).transpose(1, 2) for t in (k, v))
@@ -72,26 +74,25 @@ def attention_block_forward(q, k, v, *, causal: bool, scale: float):
         s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     o = torch.softmax(s, dim=-1) @ vh
-    return o.transpose(1, 2).to(q.dtype), lse
+    return o.transpose(1, 2).to(q.dtype), lse, None
 
 
-def attention_block_backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
+def attention_block_backward(do, q, k, v, o, lse, aux, *, causal: bool, scale: float):
     """Gradients of one block given the MERGED output ``o`` and ``lse`` of its query rows.
 
-    Shapes as in :func:`attention_block_forward`; returns dq ``[B, Tq, Hq, D]``, dk, dv
+    ``aux`` is the block's third forward output. Shapes as in :func:`attention_block_forward`;
+    returns dq ``[B, Tq, Hq, D]``, dk, dv
     ``[B, Tk, Hkv, D]`` in fp32 (fp64 for fp64 inputs).
     """
     rep = q.shape[2] // k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     if _backend(q) == "flash":
-        B, Tq, H, _ = q.shape
-        Tk = k.shape[1]
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        cum_q, cum_k, max_q, max_k, rng, unused = aux
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do.to(q.dtype).transpose(1, 2), q.transpose(1, 2),
             _repeat_kv(k, rep).transpose(1, 2), _repeat_kv(v, rep).transpose(1, 2),
-            o.to(q.dtype).transpose(1, 2), lse.contiguous(), empty, empty, Tq, Tk, 0.0,
-            causal, empty, empty, scale=scale)
+            o.to(q.dtype).transpose(1, 2), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0,
+            causal, rng, unused, scale=scale)
         dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
         return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
     qh, doh, oh = (t.to(ct).transpose(1, 2) for t in (q, do, o))
@@ -137,26 +138,28 @@ class _Lasp2hAttention(torch.autograd.Function):
         ts = T // n
         pending = all_gather_async(torch.stack([k, v]), group)  # [W, 2, B, T, Hkv, D]
         qs, ks, vs = (split_slots(t, n) for t in (q, k, v))
-        o_diag, l_diag = attention_block_forward(qs, ks, vs, causal=True, scale=scale)
+        o_diag, l_diag, aux_diag = attention_block_forward(qs, ks, vs, causal=True, scale=scale)
         o_diag, l_diag = o_diag.unflatten(0, (n, B)), l_diag.unflatten(0, (n, B))
         gathered = pending.wait().unflatten(3, (n, ts))  # [W, 2, B, n, ts, Hkv, D]
         mine = local_slices(rank, world, layout)
         order = [gathered[(o := slice_owner(j, world, layout))[0], :, :, o[1]]
                  for j in range(max(mine))]
         kv_past = torch.cat(order, dim=2) if order else None  # [2, B, max(mine) * ts, Hkv, D]
-        outs, lses = [], []
+        outs, lses, aux_past = [], [], []
         for i, j in enumerate(mine):
             o_i, l_i = o_diag[i], l_diag[i]
             if j > 0:
-                o_p, l_p = attention_block_forward(
+                o_p, l_p, aux = attention_block_forward(
                     qs.unflatten(0, (n, B))[i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
                     causal=False, scale=scale)
                 o_i, l_i = _merge(o_i, l_i, o_p, l_p)
+                aux_past.append(aux)
             outs.append(o_i)
             lses.append(l_i)
         o = torch.cat(outs, dim=1)
         ctx.save_for_backward(q, k, v, o, torch.stack(lses), kv_past if order else q.new_empty(0))
         ctx.meta = (group, layout, scale, rank, world)
+        ctx.aux = (aux_diag, aux_past)
         return o
 
     @staticmethod
@@ -167,6 +170,8 @@ class _Lasp2hAttention(torch.autograd.Function):
         B, T, Hkv, D = k.shape
         ts = T // n
         mine = local_slices(rank, world, layout)
+        aux_diag, aux_past = ctx.aux
+        aux_past = iter(aux_past)
         q_sl, do_sl, o_sl = (t.unflatten(1, (n, ts)) for t in (q, do, o))
         dq = torch.zeros(q_sl.shape, dtype=torch.float64 if q.dtype == torch.float64
                          else torch.float32, device=q.device)
@@ -177,7 +182,7 @@ class _Lasp2hAttention(torch.autograd.Function):
                 continue
             dq_p, dk_p, dv_p = attention_block_backward(
                 do_sl[:, i], q_sl[:, i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
-                o_sl[:, i], lses[i], causal=False, scale=scale)
+                o_sl[:, i], lses[i], next(aux_past), causal=False, scale=scale)
             dq[:, i] += dq_p
             for jj in range(j):
                 r, slot = slice_owner(jj, world, layout)
@@ -187,7 +192,7 @@ class _Lasp2hAttention(torch.autograd.Function):
         pending = reduce_scatter_async(dkv_all, group)  # [2, B, T, Hkv, D]
         dq_d, dk_d, dv_d = attention_block_backward(
             split_slots(do, n), split_slots(q, n), split_slots(k, n), split_slots(v, n),
-            split_slots(o, n), lses.flatten(0, 1), causal=True, scale=scale)
+            split_slots(o, n), lses.flatten(0, 1), aux_diag, causal=True, scale=scale)
         dq = dq.flatten(1, 2) + merge_slots(dq_d, n)
         dkv = pending.wait()
         dk = dkv[0] + merge_slots(dk_d, n)

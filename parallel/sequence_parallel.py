@@ -16,6 +16,7 @@ count, with gradients summed over the SP group (as over data-parallel replicas).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch.distributed as dist
 from torch import nn
@@ -39,8 +40,10 @@ def _intra_op(family: str, attn_op):
     The layer's default op is looked up in :mod:`models.ops`; a custom hook is kept only when it
     accepts ``initial_state``/``output_final_state`` (LASP-2 needs the final state)."""
     base = resolve_op(family)
+    # models.layers names its default ops "<chunk op>_<backend>"; keep the backend it chose.
     backend = getattr(attn_op, "__name__", "").rsplit("_", 1)[-1]
-    if backend in ("triton", "torch", "reference"):
+    if backend in ("auto", "triton", "reference") and \
+            "backend" in inspect.signature(base).parameters:
         return functools.partial(base, backend=backend)
     return base
 
