@@ -6,6 +6,7 @@ launch (ranks outside a configuration's SP group wait)::
     torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --out benchmarks/results/sp_scaling.json
     torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --quick          # smoke test, ~1 min
     torchrun --nproc_per_node=4 benchmarks/sp_scaling.py --only weak-linear,strong-linear
+    python benchmarks/sp_scaling.py --table benchmarks/results/sp_scaling.json   # README table
 
 Groups: ``weak-*`` (32K tokens per GPU, sp = 1, 2, 4), ``strong-*`` (128K tokens in total),
 ``*-linear`` (layer pattern L; LASP-2 and the LASP-1 ring) and ``*-hybrid`` (LLLN; LASP-2 with
@@ -220,7 +221,31 @@ def headline(rows: list[dict]) -> dict:
     return out
 
 
+def markdown_table(path: str) -> str:
+    """The README table of a results JSON (``--table``; no GPUs or torchrun needed)."""
+    data = json.loads(Path(path).read_text())
+    lines = [f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
+             f"{data['meta']['date'][:10]}", "",
+             "| group | sp | impl | layout | tokens | step ms | tok/s/GPU | MFU | peak GB "
+             "| exposed SP comm % | imbalance |", "|" + "---|" * 11]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | "
+                         f"{r['seq_len'] // K}K | {r['error'][:40]} |||||||")
+            continue
+        lines.append(
+            f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | {r['seq_len'] // K}K | "
+            f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.3f} | "
+            f"{r['peak_mem_gb']:.1f} | {r['exposed_sp_comm_pct']:.2f} | {r['imbalance']:.3f} |")
+    lines += ["", "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in
+                                           data.get("headline", {}).items())]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--table" in sys.argv:
+        print(markdown_table(sys.argv[sys.argv.index("--table") + 1]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model and 4K tokens per GPU")
     p.add_argument("--only", default="", help="comma list of groups, e.g. weak-linear")
