@@ -78,9 +78,11 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         (tmp / ".complete").write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f"step_{step:08d}.old"
+        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         done = sorted(
             (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
         )

@@ -30,6 +30,11 @@ def _train(ns: argparse.Namespace) -> int:
         from dist import destroy_distributed
 
         destroy_distributed()
+    if trainer.rank == 0 and not history:
+        print(
+            f"nothing to do: the run in {cfg.run_path()} is already at step {trainer.step} of "
+            f"{cfg.training.steps}; use another logging.name or checkpoint.resume=never"
+        )
     if trainer.rank == 0 and history:
         first, last = history[0], history[-1]
         print(

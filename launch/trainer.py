@@ -334,10 +334,6 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        if (
-            ck.enabled
-            and self.step == t.steps
-            and (not self.history or self.history[-1].step == self.step)
-        ):
+        if ck.enabled and self.history and self.step == t.steps:
             self.save()
         return self.history

@@ -132,3 +132,12 @@ def test_cli_trains_from_a_fresh_process(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "trained 3 steps" in r.stdout
     assert (tmp_path / "default" / "checkpoints" / "step_00000003" / ".complete").is_file()
+
+
+def test_finished_run_is_left_alone(tmp_path):
+    make(tmp_path, "training.steps=2", name="done").train()
+    ck = tmp_path / "done" / "checkpoints" / "step_00000002"
+    stamp = ck.stat().st_mtime_ns
+    again = make(tmp_path, "training.steps=2", name="done")
+    assert again.step == 2 and again.train() == []
+    assert ck.stat().st_mtime_ns == stamp
