@@ -250,6 +250,9 @@ MODEL_RUNS = {  # name: overrides
     "linear-L": ["model.layer_pattern=L", "model.linear_variant=linear"],
     "hybrid-LLLN": ["model.layer_pattern=LLLN", "model.linear_variant=linear"],
     "gdn-LLLN": ["model.layer_pattern=LLLN", "model.linear_variant=gated_deltanet"],
+    # Recomputation in the backward issues the SP collectives again, in the same order.
+    "gla-LLLN-ckpt": ["model.layer_pattern=LLLN", "model.linear_variant=gla",
+                      "parallel.activation_checkpointing=full"],
 }
 MODEL_COMMON = ["model.preset=tiny", "model.dim=32", "model.ffn_dim=64", "model.n_heads=2",
                 "model.n_kv_heads=1", "model.n_layers=4", "training.seq_len=64",
