@@ -28,8 +28,9 @@ CASES = {
         ("linear_no_state", "linear", 1, 100, 2, 16, 16, None, 64, False),
         ("scalar", "scalar", 2, 130, 2, 32, 16, None, 64, True),
         ("scalar_varlen", "scalar", 1, 200, 2, 16, 16, 3, 64, True),
-        ("gla", "gla", 2, 70, 2, 32, 16, None, 32, True),
-        ("gla_varlen", "gla", 1, 100, 2, 16, 16, 3, 32, True),
+        ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
+        ("gla", "gla", 2, 150, 2, 32, 16, None, 64, True),
+        ("gla_varlen", "gla", 1, 200, 2, 16, 16, 3, 64, True),
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
     ],
     "delta": [

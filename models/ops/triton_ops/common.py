@@ -37,6 +37,8 @@ class Groups:
     n_groups: int
     group_tokens: int
     varlen: bool
+    c0: torch.Tensor  # [G] int32 index of each group's first chunk among all chunks
+    n_chunks: int
 
 
 def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
@@ -83,9 +85,16 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
         seq_g0 = torch.tensor(g0, device=device)
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         varlen = True
+    nch = (eos - bos + chunk - 1) // chunk
+    c0 = nch.cumsum(0) - nch
+    if cu_seqlens is None:
+        n_chunks = B * triton.cdiv(T, chunk)
+    else:
+        n_chunks = sum(triton.cdiv(e - s, chunk) for s, e in zip(cu_list[:-1], cu_list[1:]))
     i32 = torch.int32
     return Groups(bos.to(i32).contiguous(), eos.to(i32).contiguous(), seq_g0.to(i32).contiguous(),
-                  cu, n_seq, int(bos.numel()), group_tokens, varlen)
+                  cu, n_seq, int(bos.numel()), group_tokens, varlen, c0.to(i32).contiguous(),
+                  max(1, n_chunks))
 
 
 def seq_reverse_cumsum(x: torch.Tensor, groups: Groups, B: int, T: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ class _DeltaScan(torch.autograd.Function):
         kern.delta_scan_fwd_kernel[grid](
             u, w, qg, p, kd, gam, h0, o, ht, u, u, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
             HAS_H0=True, STORE_O=True, STORE_FINAL=True, STORE_STATES=False,
-            num_warps=4 if K <= 128 else 8)
+            num_warps=4 if K <= 128 else 8, num_stages=1)
         ctx.save_for_backward(u, w, qg, p, kd, gam, h0)
         return o, ht
 
@@ -54,7 +54,8 @@ class _DeltaScan(torch.autograd.Function):
         delta = torch.empty_like(u)
         kern.delta_scan_fwd_kernel[grid](
             u, w, qg, p, kd, gam, h0, u, u, hc, delta, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
-            HAS_H0=True, STORE_O=False, STORE_FINAL=False, STORE_STATES=True, num_warps=nw)
+            HAS_H0=True, STORE_O=False, STORE_FINAL=False, STORE_STATES=True, num_warps=nw,
+            num_stages=1)
         do = do.contiguous().float() if do is not None else torch.zeros_like(u)
         dd = torch.empty_like(u)
         dhc = torch.empty_like(hc)
@@ -62,7 +63,7 @@ class _DeltaScan(torch.autograd.Function):
         dhtc = dht.contiguous().float() if dht is not None else h0
         kern.delta_scan_bwd_kernel[grid](
             w, qg, p, kd, gam, do, dhtc, dd, dhc, dh0, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
-            HAS_DHT=dht is not None, num_warps=nw)
+            HAS_DHT=dht is not None, num_warps=nw, num_stages=1)
         hct = hc.transpose(-1, -2)
         dqg = do @ hct
         dp = (do @ delta.transpose(-1, -2)).tril()

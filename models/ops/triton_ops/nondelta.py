@@ -3,8 +3,9 @@
 Forward: group-local states -> scan over groups -> outputs replayed per group.
 Backward: the same three steps run on the adjoint state (reverse direction) give dk and dv; dq
 replays the saved group-start states forward. Gate gradients use the identity
-``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t`` (plus the final
-state's ``sum_v dht * ht`` at the sequence end), then a reverse cumulative sum per sequence.
+``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t``, summed in reverse
+only within each chunk and closed by ``sum_v H_c * dH_c`` (the chunk-end state times its
+adjoint): a whole-sequence reverse sum would let rounding grow with T.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 
+from models.ops.triton_ops import gla_kernels as gla
 from models.ops.triton_ops import nondelta_kernels as kern
-from models.ops.triton_ops.common import check_inputs, make_groups, seq_reverse_cumsum
+from models.ops.triton_ops.common import check_inputs, make_groups
 
 __all__ = ["nondelta_attn"]
 
@@ -22,16 +24,20 @@ def _p2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _config(K: int, V: int, gate: int):
-    bt = 16 if gate == 2 else 64
+_BT = 64
+
+
+def _config(K: int, V: int):
     bk_full, bv_full = _p2(K), _p2(V)
     bv = min(64, bv_full)  # state tile columns in the output / dv kernels
     bk = min(64, bk_full)  # state tile rows in the dq / dk kernels
-    return bt, bk_full, bv_full, bk, bv
+    return bk_full, bv_full, bk, bv
 
 
-def _warps(*tiles: int) -> int:
-    return 8 if max(tiles) >= 128 * 128 else 4
+def _launch_opts(dtype, *tiles: int) -> dict:
+    # fp32 tiles are twice the bytes: one pipeline stage keeps them inside shared memory.
+    return dict(num_warps=8 if max(tiles) >= 128 * 128 else 4,
+                num_stages=1 if dtype == torch.float32 else 2)
 
 
 class _NonDelta(torch.autograd.Function):
@@ -40,7 +46,8 @@ class _NonDelta(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         TT = B * T
-        bt, bkf, bvf, bk, bv = _config(K, V, gate)
+        bt = _BT
+        bkf, bvf, bk, bv = _config(K, V)
         nk, nv = triton.cdiv(K, bk), triton.cdiv(V, bv)
         grp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H * nv,
                           device=q.device)
@@ -50,14 +57,19 @@ class _NonDelta(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         a = q
         if gate == 2:
+            bc = torch.empty(TT, H, K, **f32)
+            gla.chunk_cumsum_kernel[(nk, G, H)](gf, bc, grp.bos, grp.eos, H=H, K=K, BT=bt,
+                                                BK=bk)
+            gf = bc
             a = torch.empty(TT, H, bt, **f32)
-            kern.gla_intra_fwd_kernel[(G, H)](q, k, gf, a, grp.bos, grp.eos, H=H, K=K, BT=bt,
-                                              BKS=32)
+            gla.gla_intra_fwd_kernel[(G, H)](q, k, gf, a, grp.bos, grp.eos, H=H, K=K, BT=bt,
+                                             BC=16, BK=bkf, BKS=32, num_warps=4)
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
+        st = _launch_opts(q.dtype, bk * bv)
         kern.local_state_kernel[(nk * nv, G, H)](
             k, v, gf, m, dl, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk, BV=bv,
-            GATE=gate, REVERSE=False, num_warps=4)
+            GATE=gate, REVERSE=False, **st)
         hs = torch.empty(G, H, K, V, **f32)
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else hs
         h0c = h0.contiguous() if h0 is not None else hs
@@ -67,26 +79,26 @@ class _NonDelta(torch.autograd.Function):
         o = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
         kern.fwd_o_kernel[(nv, G, H)](
             q, k, v, gf, a, hs, o, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bkf,
-            BV=bv, GATE=gate, num_warps=_warps(bkf * bv, bt * bkf))
-        ctx.save_for_backward(q, k, v, g, h0, a, hs, dl, ht if output_final_state else None)
-        ctx.meta = (B, T, H, K, V, scale, gate, grp)
+            BV=bv, GATE=gate, **_launch_opts(q.dtype, bkf * bv, bt * bkf))
+        ctx.save_for_backward(q, k, v, gf, h0, a, hs, dl)
+        ctx.meta = (B, T, H, K, V, scale, gate, grp, None if g is None else (g.shape, g.dtype))
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, a, hs, dl, ht = ctx.saved_tensors
-        B, T, H, K, V, scale, gate, grp = ctx.meta
+        q, k, v, gf, h0, a, hs, dl = ctx.saved_tensors
+        B, T, H, K, V, scale, gate, grp, g_meta = ctx.meta
         TT = B * T
-        bt, bkf, bvf, bk, bv = _config(K, V, gate)
+        bt = _BT
+        bkf, bvf, bk, bv = _config(K, V)
         nk, nv = triton.cdiv(K, bk), triton.cdiv(V, bv)
         G, N = grp.n_groups, grp.n_seq
         do = do.contiguous().view(TT, H, V)
-        gf = g.contiguous().view(TT, H, *g.shape[3:]) if g is not None else q
         f32 = dict(device=q.device, dtype=torch.float32)
         dm = torch.empty(G, H, K, V, **f32)
         kern.local_state_kernel[(nk * nv, G, H)](
             q, do, gf, dm, dl, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk, BV=bv,
-            GATE=gate, REVERSE=True, num_warps=4)
+            GATE=gate, REVERSE=True, **_launch_opts(q.dtype, bk * bv))
         he = torch.empty(G, H, K, V, **f32)
         dh0 = torch.empty(N, H, K, V, **f32)
         dhtc = dht.contiguous().float() if dht is not None else he
@@ -97,41 +109,39 @@ class _NonDelta(torch.autograd.Function):
         if gate == 2:
             dqi = torch.empty(TT, H, K, **f32)
             dki = torch.empty(TT, H, K, **f32)
-            kern.gla_intra_bwd_kernel[(triton.cdiv(K, 32), G, H)](
+            gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), G, H)](
                 q, k, v, gf, do, dqi, dki, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt,
-                BKS=32, BV=bvf, num_warps=4)
-        need_g = gate != 0 and ctx.needs_input_grad[3]
-        gdt = torch.float32 if need_g else q.dtype
+                BC=16, BKS=32, BV=bvf, num_warps=4)
+        gdt = torch.float32 if gate else q.dtype
         dq = torch.empty(TT, H, K, device=q.device, dtype=gdt)
         dk = torch.empty(TT, H, K, device=q.device, dtype=gdt)
         dv = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
-        w = _warps(bk * bvf, bt * bvf)
+        hc = torch.empty(grp.n_chunks, H, K, V, device=q.device, dtype=q.dtype) if gate else q
+        dg = q
+        if gate == 2:
+            dg = torch.empty(TT, H, K, **f32)
+        elif gate == 1:
+            dg = torch.empty(nk, TT, H, **f32)
+        opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
         kern.bwd_dq_kernel[(nk, G, H)](
-            k, v, gf, do, dqi, hs, dq, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk,
-            BV=bvf, GATE=gate, num_warps=w)
+            k, v, gf, do, dqi, hs, dq, hc, grp.bos, grp.eos, grp.c0, scale, H=H, K=K, V=V,
+            BT=bt, BK=bk, BV=bvf, GATE=gate, **opts)
         kern.bwd_dk_kernel[(nk, G, H)](
-            q, v, gf, do, dki, he, dk, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk,
-            BV=bvf, GATE=gate, num_warps=w)
+            q, k, v, gf, do, dki, he, dq, hc, dk, dg, grp.bos, grp.eos, grp.c0, scale, TT, H=H,
+            K=K, V=V, BT=bt, BK=bk, BV=bvf, GATE=gate, **opts)
         kern.bwd_dv_kernel[(nv, G, H)](
             q, k, gf, do, a, he, dv, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bkf,
-            BV=bv, GATE=gate, num_warps=_warps(bkf * bv, bt * bkf))
-        dg = None
-        if need_g:
-            db = q.float() * dq - k.float() * dk
+            BV=bv, GATE=gate, **_launch_opts(q.dtype, bkf * bv, bt * bkf))
+        dgo = None
+        if gate:
             if gate == 1:
-                db = db.sum(-1)
-            dg = seq_reverse_cumsum(db, grp, B, T)
-            if dht is not None and ht is not None:
-                tail = (dht.float() * ht).sum(-1)  # [N, H, K]
-                if gate == 1:
-                    tail = tail.sum(-1)
-                lens = grp.cu[1:] - grp.cu[:-1]
-                dg = dg + torch.repeat_interleave(tail, lens, dim=0, output_size=TT)
-            dg = dg.view(g.shape).to(g.dtype)
+                dg = dg.sum(0)
+            g_shape, g_dtype = g_meta
+            dgo = dg.view(g_shape).to(g_dtype)
         dq = dq.view(B, T, H, K).to(q.dtype)
         dk = dk.view(B, T, H, K).to(k.dtype)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
-        return dq, dk, dv.view(B, T, H, V), dg, dh0, None, None, None, None
+        return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None
 
 
 def nondelta_attn(q, k, v, g, gate: int, *, scale=None, initial_state=None,

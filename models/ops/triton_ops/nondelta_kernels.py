@@ -12,9 +12,9 @@ reaches memory.
 GATE: 0 none, 1 scalar log gate ``g`` ``[TT, H]``, 2 per-channel log gate ``gk`` ``[TT, H, K]``.
 Gates are summed within each chunk in fp32 (``b`` = inclusive in-chunk cumulative log gate), and
 every exponent is either ``b_i - b_j`` with ``i >= j``, ``b`` or ``b_last - b``: all <= 0.
-For GATE 2 the chunk is 16 tokens and the intra-chunk scores come from
-:func:`gla_intra_fwd_kernel` (exact ``[16, 16, K]`` products), their gradients from
-:func:`gla_intra_bwd_kernel`. Offsets are computed in int64.
+For GATE 2, ``g_ptr`` is the fp32 in-chunk cumulative gate and the intra-chunk scores and their
+gradients come from :mod:`.gla_kernels`. Backward with gates keeps one extra state per chunk
+(``hc``) for the chunk-local gate gradient. Offsets are computed in int64.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ __all__ = [
     "bwd_dq_kernel",
     "bwd_dk_kernel",
     "bwd_dv_kernel",
-    "gla_intra_fwd_kernel",
-    "gla_intra_bwd_kernel",
 ]
 
 
 @triton.jit
 def _rows(bos, eos, c, BT: tl.constexpr):
     t = bos + c * BT + tl.arange(0, BT)
-    return t.to(tl.int64), t < eos
+    last = tl.minimum(bos + c * BT + BT, eos) - 1
+    return t.to(tl.int64), t < eos, last.to(tl.int64)
 
 
 @triton.jit
@@ -81,13 +80,11 @@ def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
         dl = tl.zeros([1], tl.float32)
     for i in range(n):
         c = n - 1 - i if REVERSE else i
-        t64, mt = _rows(bos, eos, c, BT)
+        t64, mt, tl64 = _rows(bos, eos, c, BT)
         x = _load(x_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
         y = _load(y_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         if GATE == 1:
-            gg = tl.load(g_ptr + t64 * H + pid_h, mask=mt, other=0.0).to(tl.float32)
-            b = tl.cumsum(gg, 0)
-            bl = tl.sum(gg, 0)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if REVERSE:
                 x = x * tl.exp(b)[:, None]
             else:
@@ -95,9 +92,7 @@ def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
             acc = acc * tl.exp(bl)
             dl += bl
         elif GATE == 2:
-            gg = _load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-            b = tl.cumsum(gg, 0)
-            bl = tl.sum(gg, 0)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if REVERSE:
                 x = x * tl.exp(b)
             else:
@@ -152,13 +147,17 @@ def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
 
 
 @triton.jit
-def _gates(g_ptr, t64, mt, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk, GATE: tl.constexpr):
-    """In-chunk inclusive cumulative log gate b and its chunk total bl (scalar or per channel)."""
+def _gates(g_ptr, t64, mt, tl64, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk,
+           GATE: tl.constexpr):
+    """In-chunk inclusive cumulative log gate b and its chunk total bl. GATE 1: from the raw
+    scalar gate; GATE 2: g_ptr holds the fp32 in-chunk cumulative gate (chunk_cumsum_kernel)."""
     if GATE == 2:
-        gg = _load(g_ptr, t64, mt, h, H, K, offs_k, mk).to(tl.float32)
+        b = _load(g_ptr, t64, mt, h, H, K, offs_k, mk)
+        bl = tl.load(g_ptr + (tl64 * H + h) * K + offs_k, mask=mk, other=0.0)
+        return b, bl
     else:
         gg = tl.load(g_ptr + t64 * H + h, mask=mt, other=0.0).to(tl.float32)
-    return tl.cumsum(gg, 0), tl.sum(gg, 0)
+        return tl.cumsum(gg, 0), tl.sum(gg, 0)
 
 
 @triton.jit
@@ -176,7 +175,7 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
     h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
                 mask=mk[:, None] & mv[None, :], other=0.0)
     for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt = _rows(bos, eos, c, BT)
+        t64, mt, tl64 = _rows(bos, eos, c, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -186,7 +185,7 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
             o = tl.dot(q, h.to(dt))
             kg = k
         else:
-            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if GATE == 1:
                 d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
                 a = tl.dot(q, tl.trans(k)) * d
@@ -195,7 +194,7 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
                 h = h * tl.exp(bl)
             else:
                 a = tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
-                            mask=mt[:, None], other=0.0)
+                            mask=mt[:, None] & causal, other=0.0)
                 o = tl.dot((q * tl.exp(b)).to(dt), h.to(dt))
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
                 h = h * tl.exp(bl)[:, None]
@@ -205,10 +204,11 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
 
 
 @triton.jit
-def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, g_bos, g_eos, scale,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
-    """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V)."""
+def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, hc_ptr, g_bos, g_eos,
+                  g_c0, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+    """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V). With gates,
+    also stores each chunk's end state ``hc`` ``[NC, H, K, V]`` for the gate gradient."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -216,10 +216,11 @@ def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, g_bos, g
     mk, mv = offs_k < K, offs_v < V
     causal = offs_t[:, None] >= offs_t[None, :]
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    c0 = tl.load(g_c0 + pid_g)
     h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
                 mask=mk[:, None] & mv[None, :], other=0.0)
     for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt = _rows(bos, eos, c, BT)
+        t64, mt, tl64 = _rows(bos, eos, c, BT)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -230,7 +231,7 @@ def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, g_bos, g
             dq += tl.dot(da.to(dt), k)
             kg = k
         else:
-            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if GATE == 1:
                 d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
                 da = tl.dot(do, tl.trans(v)) * d
@@ -246,14 +247,23 @@ def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, g_bos, g
             dq += _load(dqi_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         _store(dq_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)
         h += tl.dot(tl.trans(kg), v)
+        if GATE != 0:
+            tl.store(_state_ptrs(hc_ptr, c0 + c, pid_h, H, K, V, offs_k, offs_v),
+                     h.to(hc_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
 
 
 @triton.jit
-def bwd_dk_kernel(q_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dk_ptr, g_bos, g_eos, scale,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+def bwd_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dq_ptr, hc_ptr, dk_ptr,
+                  dg_ptr, g_bos, g_eos, g_c0, scale, TT, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  GATE: tl.constexpr):
     """``dk = e^(bl-b) v dH^T + scale (v do^T * D^T) q``, backward over chunks from the adjoint
-    at the group's end (BV >= V)."""
+    at the group's end (BV >= V).
+
+    With gates it also writes the gate gradient, chunk-locally: for token s of chunk c,
+    ``dg_s = sum_{t >= s in c} (q_t dq_t - k_t dk_t) + sum_v (H_c * dH_c)`` with H_c / dH_c the
+    state / adjoint at the chunk's end (GATE 2: ``[TT, H, K]``; GATE 1: this K-block's partial
+    sum, ``[NK, TT, H]``). Cutting the reverse sum at every chunk keeps its error local."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -261,11 +271,12 @@ def bwd_dk_kernel(q_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dk_ptr, g_bos, g
     mk, mv = offs_k < K, offs_v < V
     anti = offs_t[:, None] <= offs_t[None, :]  # rows j, cols i >= j
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    c0 = tl.load(g_c0 + pid_g)
     dh = tl.load(_state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
                  mask=mk[:, None] & mv[None, :], other=0.0)
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
-        t64, mt = _rows(bos, eos, n - 1 - i, BT)
+        t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -276,7 +287,10 @@ def bwd_dk_kernel(q_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dk_ptr, g_bos, g
             dk += scale * tl.dot(dat.to(dt), q)
             qg = q
         else:
-            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            hc = tl.load(_state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
+                         mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            tail = tl.sum(hc * dh, 1)  # [BK]: d loss / d (log-scale of the chunk-end state)
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 dat = tl.dot(v, tl.trans(do)) * d
@@ -288,6 +302,14 @@ def bwd_dk_kernel(q_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dk_ptr, g_bos, g
                 dk += _load(dki_ptr, t64, mt, pid_h, H, K, offs_k, mk)
                 qg = (q * tl.exp(b)).to(dt)
                 dh = dh * tl.exp(bl)[:, None]
+            k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            db = q.to(tl.float32) * dq - k * dk
+            dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
+            if GATE == 2:
+                _store(dg_ptr, dg, t64, mt, pid_h, H, K, offs_k, mk)
+            else:
+                tl.store(dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, tl.sum(dg, 1), mask=mt)
         _store(dk_ptr, dk, t64, mt, pid_h, H, K, offs_k, mk)
         dh += scale * tl.dot(tl.trans(qg), do)
 
@@ -308,7 +330,7 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
                  mask=mk[:, None] & mv[None, :], other=0.0)
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
-        t64, mt = _rows(bos, eos, n - 1 - i, BT)
+        t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -317,7 +339,7 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
             at = tl.where(anti, tl.dot(k, tl.trans(q)), 0.0)
             kg, qg = k, q
         else:
-            b, bl = _gates(g_ptr, t64, mt, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 at = tl.dot(k, tl.trans(q)) * d
@@ -325,7 +347,8 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
                 qg = (q * tl.exp(b)[:, None]).to(dt)
             else:
                 at = tl.trans(tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
-                                      mask=mt[:, None], other=0.0))
+                                      mask=mt[:, None] & (offs_t[:, None] >= offs_t[None, :]),
+                                      other=0.0))
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
                 qg = (q * tl.exp(b)).to(dt)
         # dh is the adjoint of the state at this chunk's end: use it, then carry it back.
@@ -336,54 +359,3 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
             dh = dh * tl.exp(bl)[:, None]
         _store(dv_ptr, dv, t64, mt, pid_h, H, V, offs_v, mv)
         dh += scale * tl.dot(tl.trans(qg), do)
-
-
-@triton.jit
-def gla_intra_fwd_kernel(q_ptr, k_ptr, g_ptr, a_ptr, g_bos, g_eos,
-                         H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BKS: tl.constexpr):
-    """Intra-chunk scores ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)`` (j <= i), unscaled, fp32
-    ``[TT, H, BT]``; exact [BT, BT, BKS] products over K slices."""
-    pid_g, pid_h = tl.program_id(0), tl.program_id(1)
-    offs_t = tl.arange(0, BT)
-    causal = offs_t[:, None] >= offs_t[None, :]
-    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt = _rows(bos, eos, c, BT)
-        a = tl.zeros([BT, BT], tl.float32)
-        for k0 in range(0, K, BKS):
-            offs_k = k0 + tl.arange(0, BKS)
-            mk = offs_k < K
-            q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-            k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-            b = tl.cumsum(_load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32), 0)
-            e = tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :],
-                                float("-inf")))
-            a += tl.sum(q[:, None, :] * k[None, :, :] * e, 2)
-        tl.store(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :], a, mask=mt[:, None])
-
-
-@triton.jit
-def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, dk_ptr, g_bos, g_eos,
-                         scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr):
-    """Intra-chunk parts of dq and dk for GATE 2 (fp32 ``[TT, H, K]``), from
-    ``dA = scale do v^T`` (j <= i) and the exact [BT, BT, BKS] decay products."""
-    pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_t = tl.arange(0, BT)
-    offs_v = tl.arange(0, BV)
-    offs_k = pid_k * BKS + tl.arange(0, BKS)
-    mk, mv = offs_k < K, offs_v < V
-    causal = offs_t[:, None] >= offs_t[None, :]
-    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt = _rows(bos, eos, c, BT)
-        do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
-        v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
-        da = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0) * scale
-        q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-        k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-        b = tl.cumsum(_load(g_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32), 0)
-        e = da[:, :, None] * tl.exp(tl.where(causal[:, :, None], b[:, None, :] - b[None, :, :],
-                                             float("-inf")))
-        _store(dq_ptr, tl.sum(e * k[None, :, :], 1), t64, mt, pid_h, H, K, offs_k, mk)
-        _store(dk_ptr, tl.sum(e * q[:, None, :], 0), t64, mt, pid_h, H, K, offs_k, mk)
