@@ -16,7 +16,8 @@ from launch.config import load_config
 from launch.trainer import Trainer
 from tests.dist_harness import run_ranks
 
-BASE = ["model.preset=tiny", "training.steps=5", "training.batch_size=8",
+BASE = ["model.preset=tiny", "model.dim=64", "model.ffn_dim=128", "model.n_heads=2",
+        "training.steps=5", "training.batch_size=8",
         "training.seq_len=32", "training.warmup_steps=2", "training.lr=1e-3",
         "training.dtype=fp32", "training.device=cpu", "data.max_files=8",
         "checkpoint.enabled=false", "logging.progress=false"]
@@ -47,22 +48,45 @@ def _full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, run_dir: str, extra: list[str]):
     trainer = Trainer(_config(run_dir, f"w{rank}", extra))
-    losses = [h.loss for h in trainer.train()]
-    return {"losses": losses, "params": _full_params(trainer),
+    hist = trainer.train()
+    return {"losses": [h.loss for h in hist], "norms": [h.grad_norm for h in hist],
+            "params": _full_params(trainer),
             "split": getattr(trainer.pipeline, "layer_split", None)}
 
 
 @functools.lru_cache(maxsize=4)
 def _reference(run_dir: str, model_extra: tuple[str, ...]):
     trainer = Trainer(_config(run_dir, "ref", list(model_extra)))
-    losses = [h.loss for h in trainer.train()]
-    return losses, _full_params(trainer)
+    hist = trainer.train()
+    return [h.loss for h in hist], [h.grad_norm for h in hist], _full_params(trainer)
 
 
-def _check(results: list[dict], ref_losses: list[float], ref_params: dict, *, tied: bool):
+def _assert_params_close(value: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Equal to fp32 rounding after 5 AdamW steps.
+
+    Adam divides by the gradient's magnitude, so an element whose gradient is at rounding level
+    (where summing microbatches in another order flips its sign) may move by up to ``lr`` the
+    other way. Allow that for a handful of elements; anything systematic (a missed or doubled
+    gradient) moves many elements by ~``lr`` and fails.
+    """
+    assert value.shape == ref.shape, f"{what}: shape {value.shape} != {ref.shape}"
+    diff = (value - ref).abs()
+    bad = int((diff > 2e-6 + 1e-5 * ref.abs()).sum())
+    assert bad <= max(2, ref.numel() // 10_000), (
+        f"{what}: {bad}/{ref.numel()} elements differ, max {float(diff.max()):.3g}")
+    assert float(diff.max()) < 1e-2, f"{what}: max difference {float(diff.max()):.3g}"
+
+
+def _check(results: list[dict], ref, *, tied: bool):
+    ref_losses, ref_norms, ref_params = ref
     for r, res in enumerate(results):
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m, r=r: f"rank {r}: {m}")
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, r=r: f"rank {r} loss: {m}")
+        # Step 1's norm is a pure gradient check; later ones also feel Adam's amplification of
+        # rounding (single-process grad_accum=4 drifts from grad_accum=1 as much).
+        assert abs(res["norms"][0] - ref_norms[0]) <= 1e-5 * ref_norms[0], (r, res["norms"])
+        torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms),
+                                   rtol=2e-4, atol=0, msg=lambda m, r=r: f"rank {r} norm: {m}")
     seen = set()
     for r, res in enumerate(results):
         for name, value in res["params"].items():
@@ -70,8 +94,7 @@ def _check(results: list[dict], ref_losses: list[float], ref_params: dict, *, ti
             if tied and name == "output.weight":
                 ref_name = "tok_embeddings.weight"  # the last stage's copy of the tied matrix
             assert ref_name in ref_params, f"rank {r}: unexpected parameter {name}"
-            torch.testing.assert_close(value, ref_params[ref_name], rtol=1e-4, atol=2e-6,
-                                       msg=lambda m, r=r, n=name: f"rank {r} {n}: {m}")
+            _assert_params_close(value, ref_params[ref_name], f"rank {r} {name}")
             seen.add(ref_name)
     assert seen == set(ref_params), f"parameters held by no rank: {set(ref_params) - seen}"
 
@@ -95,6 +118,6 @@ CASES = [
 def test_pipeline_matches_single_process(case, tmp_path_factory):
     _, parallel, model = case
     ref_dir = str(tmp_path_factory.getbasetemp() / "pp_reference")
-    ref_losses, ref_params = _reference(ref_dir, tuple(model))
+    ref = _reference(ref_dir, tuple(model))
     results = run_ranks(_worker, 4, str(tmp_path_factory.mktemp("pp")), [*parallel, *model])
-    _check(results, ref_losses, ref_params, tied=True)
+    _check(results, ref, tied=True)

@@ -1,0 +1,229 @@
+"""Pipeline parallelism with torch.distributed.pipelining: stages by cost, schedules by name.
+
+:func:`build_pipeline` cuts a LinearLlama into ``pp * parallel.pp_stages_per_rank`` stages
+(:mod:`parallel.pipeline_split`), keeps this rank's stages, applies sequence parallelism,
+activation checkpointing and FSDP to each (:func:`parallel.parallelize.parallelize_model`), and
+wraps them in ``PipelineStage`` objects run by the schedule that ``parallel.pp_schedule`` names
+(GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble; placement "loop" for all
+but ZBV, which uses "v").
+
+The loss. The last stage computes, inside its forward, each microbatch's summed cross-entropy
+divided by the step's global target-token count; the schedule runs with ``scale_grads=False``
+and the schedule's loss function is the identity, so the microbatch losses add up to exactly
+the loss of the run without PP, and so do the gradients.
+
+Tied embeddings. The first stage owns the embedding matrix and the last stage needs it as the
+head. The last stage keeps its own copy (``output.weight``, initialised from the embedding) and
+:meth:`Pipeline.sync_tied_gradients`, which the trainer calls once per optimizer step after all
+micro-steps, replaces both gradients by their sum (over a two-rank group of the first and last
+pipeline ranks with the same dp/sp coordinates, or locally when one rank holds both, as in the
+V placement). Both copies then see the same gradient and the same AdamW update, so they stay
+equal and training matches single-process tied training. The copy is marked so that gradient
+clipping counts it once (:func:`parallel.data_parallel.exclude_from_grad_norm`). Checkpoints of
+the last stage hold the copy as ``output.weight``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
+    get_schedule_class,
+)
+
+from dist.parallel_dims import ParallelDims
+from models.llama import LinearLlama
+from parallel.data_parallel import exclude_from_grad_norm
+from parallel.parallelize import parallelize_model
+from parallel.pipeline_split import (
+    StepContext,
+    build_stage_module,
+    split_layers,
+    stage_ids_on_rank,
+    stage_to_rank,
+)
+
+__all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "placement_style"]
+
+# name -> (stages per rank it needs: 1 or ">=2" / "2", placement)
+SCHEDULES = {
+    "GPipe": ("1", "loop"),
+    "1F1B": ("1", "loop"),
+    "Interleaved1F1B": (">=2", "loop"),
+    "InterleavedZeroBubble": (">=2", "loop"),
+    "ZBVZeroBubble": ("2", "v"),
+}
+
+
+def placement_style(schedule: str) -> str:
+    """``"v"`` for the V-shaped schedules, ``"loop"`` otherwise."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.pp_schedule must be one of {list(SCHEDULES)}, "
+                         f"got {schedule!r}")
+    return SCHEDULES[schedule][1]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them.
+
+    Attributes:
+        model_parts: this rank's stage modules (:class:`PipelineStageModel`), in stage order.
+        stage_ids: their global stage indices.
+        layer_split: the layer names of every stage (all ranks), for logs and benchmarks.
+    """
+
+    def __init__(self, *, model_parts: list[nn.Module], stages: list[PipelineStage], schedule,
+                 ctx: StepContext, dims: ParallelDims, layer_split: list[list[str]],
+                 stage_ids: list[int], layout: str, tie: tuple | None) -> None:
+        self.model_parts = model_parts
+        self.stages = stages
+        self.schedule = schedule
+        self.ctx = ctx
+        self.dims = dims
+        self.layer_split = layer_split
+        self.stage_ids = stage_ids
+        self.layout = layout
+        self.num_stages = len(layer_split)
+        self.has_first = 0 in stage_ids
+        self.has_last = self.num_stages - 1 in stage_ids
+        # (embedding module or None, head copy module or None, group or None)
+        self._tie = tie
+
+    def _shard(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dims.sp_enabled:
+            return x
+        from parallel.sequence_shard import shard_sequence
+
+        return shard_sequence(x, dim=1, rank=self.dims.local_rank_in("sp"),
+                              world=self.dims.sp, layout=self.layout)
+
+    def step(self, batch, global_tokens: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch ``inputs/labels [B, T]`` through the pipeline.
+
+        The batch is sharded over SP, then split into the schedule's microbatches along B.
+        Returns this rank's share of the loss (its microbatch sums / ``global_tokens``; zero on
+        ranks without the last stage), a detached fp32 scalar.
+        """
+        inputs = batch.inputs.to(global_tokens.device, non_blocking=True)
+        labels = batch.labels.to(global_tokens.device, non_blocking=True)
+        pos = None
+        if self.dims.sp_enabled:
+            from parallel.sequence_shard import shard_position_ids
+
+            pos = shard_position_ids(inputs.shape[1], rank=self.dims.local_rank_in("sp"),
+                                     world=self.dims.sp, layout=self.layout,
+                                     device=global_tokens.device)
+        inputs, labels = self._shard(inputs), self._shard(labels)
+        self.ctx.position_ids = pos
+        self.ctx.global_tokens = global_tokens
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        target = labels if self.has_last else None
+        self.schedule.step(*args, target=target, losses=losses, labels=labels)
+        if not self.has_last:
+            return torch.zeros((), dtype=torch.float32, device=global_tokens.device)
+        return torch.stack([loss.detach().float().sum() for loss in losses]).sum()
+
+    def sync_tied_gradients(self) -> None:
+        """Sum the embedding's and the head copy's gradients into both (tied embeddings only).
+
+        Call once per optimizer step, after the last micro-step and before the optimizer.
+        """
+        if self._tie is None:
+            return
+        emb, head, group = self._tie
+        params = [m.weight for m in (emb, head) if m is not None]
+        if not params:  # a middle pipeline rank
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if len(params) == 2:
+            a, b = _local(params[0].grad), _local(params[1].grad)
+            a.add_(b)
+            b.copy_(a)
+        else:
+            dist.all_reduce(_local(params[0].grad), group=group)
+
+
+def _tie_group(dims: ParallelDims, first_pp: int, last_pp: int):
+    """The two-rank group joining pipeline ranks ``first_pp`` and ``last_pp`` at this rank's
+    (dp, sp) coordinates; every rank takes part in creating all of them."""
+    if dims.pp == 2:
+        return dims.group("pp")
+    stride = dims.dp * dims.sp
+    pairs = [[first_pp * stride + i, last_pp * stride + i] for i in range(stride)]
+    group, _ = dist.new_subgroups_by_enumeration(pairs)
+    return group
+
+
+def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch.device,
+                   autocast_dtype: torch.dtype | None = None) -> Pipeline:
+    """Split ``model`` for this rank's pipeline stages and build the schedule ``cfg`` names.
+
+    ``model`` must be built identically (same seed) on every rank; the modules this rank does
+    not hold are dropped with it. Needs ``dims.build_mesh`` done and ``dims.pp > 1``.
+    """
+    p, t = cfg.parallel, cfg.training
+    style = placement_style(p.pp_schedule)
+    per_rank = p.pp_stages_per_rank
+    num_stages = dims.pp * per_rank
+    m = p.pp_microbatches or num_stages
+    layer_split = split_layers(model.args, num_stages, seq_len=t.seq_len)
+    pp_rank = dims.local_rank_in("pp")
+    stage_ids = stage_ids_on_rank(pp_rank, dims.pp, per_rank, style)
+    ctx = StepContext(device_type=device.type, autocast_dtype=autocast_dtype)
+    tied = model.args.tie_embeddings and model.output is None
+
+    parts: list[nn.Module] = []
+    for s in stage_ids:
+        part = build_stage_module(model, layer_split[s], is_first=s == 0,
+                                  is_last=s == num_stages - 1, ctx=ctx)
+        parallelize_model(part, dims, layout=p.layout,
+                          activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp)
+        parts.append(part)
+
+    tie = None
+    if tied:
+        first_pp = stage_to_rank(0, dims.pp, per_rank, style)
+        last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
+        group = _tie_group(dims, first_pp, last_pp) if first_pp != last_pp else None
+        emb = next((q.tok_embeddings for q, s in zip(parts, stage_ids) if s == 0), None)
+        head = next((q.output for q, s in zip(parts, stage_ids) if s == num_stages - 1), None)
+        if head is not None:
+            exclude_from_grad_norm(head.weight)
+        tie = (emb, head, group)
+
+    pp_group = dims.group("pp")
+    stages = [PipelineStage(part, s, num_stages, device, group=pp_group)
+              for part, s in zip(parts, stage_ids)]
+    cls = get_schedule_class(p.pp_schedule)
+    kwargs = {"n_microbatches": m, "loss_fn": _identity_loss}
+    if "scale_grads" in inspect.signature(cls.__init__).parameters:
+        kwargs["scale_grads"] = False  # the loss is already a sum / global tokens
+    if issubclass(cls, PipelineScheduleSingle):
+        if len(stages) != 1:
+            raise ValueError(f"parallel.pp_schedule {p.pp_schedule} runs one stage per rank, "
+                             f"got parallel.pp_stages_per_rank = {per_rank}")
+        schedule = cls(stages[0], **kwargs)
+    else:
+        assert issubclass(cls, PipelineScheduleMulti), cls
+        schedule = cls(stages, **kwargs)
+    return Pipeline(model_parts=parts, stages=stages, schedule=schedule, ctx=ctx, dims=dims,
+                    layer_split=layer_split, stage_ids=stage_ids, layout=p.layout, tie=tie)
+
+
+def _identity_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The last stage already returns its loss ``[1]``; the schedule backpropagates from it."""
+    del target
+    return output.sum()
