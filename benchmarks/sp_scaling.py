@@ -12,7 +12,8 @@ Groups: ``weak-*`` (32K tokens per GPU, sp = 1, 2, 4), ``strong-*`` (128K tokens
 ``*-linear`` (layer pattern L; LASP-2 and the LASP-1 ring) and ``*-hybrid`` (LLLN; LASP-2 with
 LASP-2H, contiguous and zigzag layouts). A training step is bf16 autocast with fp32 parameters,
 full per-block activation checkpointing, chunked cross-entropy, a sum of gradients over the SP
-group and fused AdamW. Each configuration is timed three ways:
+group (DDP, overlapped with the backward; ``--grad-sync after``: the trainer's all-reduce after
+it) and fused AdamW. Each configuration is timed three ways:
 
 - ``step_s``: the real step (median of ``--steps``);
 - ``step_nosp_s``: the same with the SP collectives replaced by local copies (wrong values,
@@ -112,10 +113,15 @@ def _sync(device) -> None:
 
 
 def time_steps(m, opt, batch, group, device, *, n: int, warmup: int, sp_comm: bool,
-               grad_comm: bool, autocast: bool) -> list[float]:
-    """Seconds per step on this rank (after ``warmup`` untimed steps)."""
+               grad_comm: bool, autocast: bool, ddp=None) -> list[float]:
+    """Seconds per step on this rank (after ``warmup`` untimed steps).
+
+    With ``ddp`` (a DistributedDataParallel wrapper of ``m`` over the SP group) the gradient
+    sum overlaps the backward; otherwise it follows it (bucketed all-reduce, as the trainer).
+    """
     tokens, labels, pos, total = batch
     params = [p for p in m.parameters()]
+    sp = dist.get_world_size(group) if group is not None else 1
     times = []
     for i in range(warmup + n):
         _sync(device)
@@ -123,11 +129,15 @@ def time_steps(m, opt, batch, group, device, *, n: int, warmup: int, sp_comm: bo
         with contextlib.ExitStack() as stack:
             if not sp_comm:
                 stack.enter_context(no_comm())
+            if ddp is not None and not grad_comm:
+                stack.enter_context(ddp.no_sync())
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16,
                                                enabled=autocast))
-            loss = m.loss(m(tokens, position_ids=pos), labels) / total
-        loss.backward()
-        if grad_comm and group is not None:
+            hidden = (ddp or m)(tokens, position_ids=pos)
+            # DDP averages over the group: scale so that gradients are sums, as in the trainer.
+            loss = m.loss(hidden, labels) / total * (sp if ddp is not None else 1)
+            loss.backward()
+        if grad_comm and group is not None and ddp is None:
             allreduce_gradients(params, group)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,7 +162,12 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
              shard_position_ids(T, device=device, **kw), float(T))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    common = {"group": group, "device": device, "autocast": device.type == "cuda"}
+    ddp = None
+    if sp > 1 and args.grad_sync == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            m, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True,
+            device_ids=[device.index] if device.type == "cuda" else None)
+    common = {"group": group, "device": device, "autocast": device.type == "cuda", "ddp": ddp}
     real = time_steps(m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True,
                       grad_comm=True, **common)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
@@ -161,6 +176,8 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
                       **common)
     nocomm = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False,
                         **common)
+    del ddp, common  # the reducer's gradient hooks go with it
+    gc.collect()
     return {"step_s": statistics.median(real), "step_nosp_s": statistics.median(nosp),
             "step_nocomm_s": statistics.median(nocomm), "peak_mem_gb": peak}
 
@@ -252,6 +269,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=729.0)
+    p.add_argument("--grad-sync", choices=("ddp", "after"), default="ddp",
+                   help="gradient sum over the SP group: DDP (overlapped with the backward) "
+                        "or a bucketed all-reduce after it (the trainer's way)")
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after each row)")
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo)")
     args = p.parse_args()
