@@ -82,8 +82,11 @@ class ParallelConfig:
     """Virtual stages per rank (2 for the interleaved and V schedules)."""
     fsdp: bool = False
     """Shard parameters and optimizer state over the data-parallel axis with FSDP2."""
-    activation_checkpointing: Literal["none", "full"] = "none"
-    """Recompute each block in the backward instead of keeping its activations."""
+    activation_checkpointing: Literal["none", "full", "partial"] = "none"
+    """Recompute blocks in the backward instead of keeping their activations: every block
+    (full) or one in checkpoint_every (partial: memory and recompute both scale down)."""
+    checkpoint_every: int = 2
+    """partial checkpointing: recompute one block in this many."""
 
 
 @dataclass
@@ -348,7 +351,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise ConfigError(f"training.{name} must be in [0, 1), got {getattr(t, name)}")
-    for name in ("pp", "sp", "pp_stages_per_rank"):
+    for name in ("pp", "sp", "pp_stages_per_rank", "checkpoint_every"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     if p.dp < 1 and p.dp != -1:
@@ -377,6 +380,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             f"model.n_layers ({args.n_layers}) must be >= parallel.pp * "
             f"parallel.pp_stages_per_rank = {p.pp * p.pp_stages_per_rank} (one layer per stage)"
         )
+    _validate_pipeline(p)
     if world_size is not None:
         dp = p.dp if p.dp != -1 else world_size // (p.pp * p.sp)
         if dp < 1 or p.pp * dp * p.sp != world_size:
@@ -389,3 +393,51 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
                 f"training.batch_size ({t.batch_size}) must be divisible by dp * "
                 f"training.grad_accum = {dp} * {t.grad_accum}"
             )
+        local = t.batch_size // (dp * t.grad_accum)
+        if p.pp > 1 and local % pipeline_microbatches(p):
+            raise ConfigError(
+                f"parallel.pp_microbatches ({pipeline_microbatches(p)}) must divide the "
+                f"sequences per data-parallel rank and micro-step, training.batch_size / (dp * "
+                f"training.grad_accum) = {local}"
+            )
+
+
+# Pipeline schedules that run several stages per rank, and how many they need.
+_PP_MULTI_STAGE = {"Interleaved1F1B": "at least", "InterleavedZeroBubble": "at least",
+                   "ZBVZeroBubble": "exactly"}
+# Schedules that keep stages busy with one forward and one backward in turn: they need at
+# least one microbatch per pipeline rank (torch.distributed.pipelining refuses fewer).
+_PP_1F1B_LIKE = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+
+
+def pipeline_microbatches(p: ParallelConfig) -> int:
+    """Microbatches per pipeline step: ``parallel.pp_microbatches`` or the number of stages."""
+    return p.pp_microbatches or p.pp * p.pp_stages_per_rank
+
+
+def _validate_pipeline(p: ParallelConfig) -> None:
+    """Schedule, stages per rank and microbatches that torch.distributed.pipelining can run."""
+    if p.pp == 1:
+        return
+    s, v, m = p.pp_schedule, p.pp_stages_per_rank, pipeline_microbatches(p)
+    need = _PP_MULTI_STAGE.get(s)
+    if need is None and v != 1:
+        raise ConfigError(
+            f"parallel.pp_schedule {s} runs one stage per rank, but parallel.pp_stages_per_rank "
+            f"is {v}; set it to 1 or use Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble"
+        )
+    if (need == "at least" and v < 2) or (need == "exactly" and v != 2):
+        raise ConfigError(
+            f"parallel.pp_schedule {s} needs {need} 2 stages per rank: set "
+            f"parallel.pp_stages_per_rank to 2 (got {v})"
+        )
+    if s in _PP_1F1B_LIKE and m < p.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches ({m}) must be >= parallel.pp ({p.pp}) for the {s} "
+            f"schedule: fewer microbatches than pipeline stages leave ranks idle"
+        )
+    if need == "at least" and m % p.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches ({m}) must be a multiple of parallel.pp ({p.pp}) for "
+            f"the {s} schedule"
+        )

@@ -134,6 +134,7 @@ class Trainer:
                 self.dims,
                 layout=p.layout,
                 activation_checkpointing=p.activation_checkpointing,
+                checkpoint_every=p.checkpoint_every,
                 fsdp=p.fsdp,
             )
             self.model_parts = [model]

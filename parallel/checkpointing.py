@@ -12,19 +12,27 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 __all__ = ["apply_activation_checkpointing"]
 
 
-def apply_activation_checkpointing(model: nn.Module, *, mode: str = "full") -> int:
-    """Wrap every block in ``model.layers`` (an ``nn.ModuleDict``) in place.
+def apply_activation_checkpointing(model: nn.Module, *, mode: str = "full", every: int = 2) -> int:
+    """Wrap blocks of ``model.layers`` (an ``nn.ModuleDict``) in place.
 
-    Returns the number of wrapped blocks. ``mode`` is ``"full"`` (the whole block) or
-    ``"none"`` (no-op). Names of parameters are kept (the wrapper is transparent to
-    ``state_dict``), so checkpoints move freely between runs with and without it.
+    Returns the number of wrapped blocks. ``mode`` is ``"full"`` (every block), ``"partial"``
+    (one block in ``every``, counted by the block's global index so that pipeline stages agree
+    with the unsplit model: memory and recompute both scale by ``1 / every``) or ``"none"``.
+    Parameter names are kept (the wrapper is transparent to ``state_dict``), so checkpoints
+    move freely between runs with and without it.
     """
     if mode == "none":
         return 0
-    if mode != "full":
-        raise ValueError(f"parallel.activation_checkpointing must be none or full, got {mode!r}")
+    if mode not in ("full", "partial"):
+        raise ValueError(
+            f"parallel.activation_checkpointing must be none, full or partial, got {mode!r}"
+        )
+    if every < 1:
+        raise ValueError(f"parallel.checkpoint_every must be >= 1, got {every}")
     n = 0
     for name, block in list(model.layers.items()):
+        if mode == "partial" and int(name) % every != every - 1:
+            continue
         model.layers[name] = checkpoint_wrapper(
             block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False
         )

@@ -19,6 +19,7 @@ def parallelize_model(
     *,
     layout: str = "contiguous",
     activation_checkpointing: str = "none",
+    checkpoint_every: int = 2,
     fsdp: bool = False,
 ) -> nn.Module:
     """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place."""
@@ -26,7 +27,7 @@ def parallelize_model(
         from parallel.sequence_parallel import apply_sequence_parallel
 
         apply_sequence_parallel(model, group=dims.group("sp"), layout=layout)
-    apply_activation_checkpointing(model, mode=activation_checkpointing)
+    apply_activation_checkpointing(model, mode=activation_checkpointing, every=checkpoint_every)
     if fsdp and dims.world_size > 1:
         from parallel.data_parallel import apply_fsdp
 

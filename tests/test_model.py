@@ -103,3 +103,23 @@ def test_bad_model_args():
         LinearLlama(small("tiny", layer_pattern="LQ"))
     with pytest.raises(ValueError, match="model.dim"):
         LinearLlama(replace(small("tiny"), n_heads=5))
+
+
+@pytest.mark.parametrize(
+    "mode, every, wrapped", [("full", 1, 4), ("partial", 2, 2), ("partial", 4, 1), ("none", 1, 0)]
+)
+def test_activation_checkpointing_keeps_gradients(mode, every, wrapped):
+    from parallel.checkpointing import apply_activation_checkpointing
+
+    torch.manual_seed(4)
+    args = small("tiny", layer_pattern="LLLN")
+    ref = LinearLlama(args).double()
+    ac = LinearLlama(args).double()
+    ac.load_state_dict(ref.state_dict())
+    assert apply_activation_checkpointing(ac, mode=mode, every=every) == wrapped
+    assert set(ac.state_dict()) == set(ref.state_dict())  # names survive the wrapper
+    x = torch.randint(0, args.vocab_size, (2, 33))
+    for m in (ref, ac):
+        m.loss(m(x), x).backward()
+    for (n, p), q in zip(ref.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
