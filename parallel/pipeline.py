@@ -185,12 +185,14 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
     ctx = StepContext(device_type=device.type, autocast_dtype=autocast_dtype)
     tied = model.args.tie_embeddings and model.output is None
 
+    extra = {"checkpoint_every": p.checkpoint_every} if hasattr(p, "checkpoint_every") else {}
     parts: list[nn.Module] = []
     for s in stage_ids:
         part = build_stage_module(model, layer_split[s], is_first=s == 0,
                                   is_last=s == num_stages - 1, ctx=ctx)
         parallelize_model(part, dims, layout=p.layout,
-                          activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp)
+                          activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp,
+                          **extra)
         parts.append(part)
 
     tie = None
