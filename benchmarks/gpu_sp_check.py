@@ -27,8 +27,11 @@ import time
 import traceback
 from pathlib import Path
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-               ("NVSHMEM_DISABLE_NVLS", "1")):
+for _k, _v in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
@@ -73,8 +76,10 @@ def inputs(variant: str, B: int, T: int, H: int, D: int, device) -> dict[str, to
 
 
 def run_and_grads(fn, x: dict, w: torch.Tensor, dtype) -> tuple[torch.Tensor, dict]:
-    loc = {k: t.to(dtype if k in ("q", "k", "v") else torch.float32).detach().requires_grad_()
-           for k, t in x.items()}
+    loc = {
+        k: t.to(dtype if k in ("q", "k", "v") else torch.float32).detach().requires_grad_()
+        for k, t in x.items()
+    }
     o = fn(**loc)
     (o.float() * w).sum().backward()
     return o.detach(), {k: t.grad for k, t in loc.items()}
@@ -83,54 +88,79 @@ def run_and_grads(fn, x: dict, w: torch.Tensor, dtype) -> tuple[torch.Tensor, di
 def _verdict(shard, full, ref, single, sp) -> dict:
     """Errors of the single-GPU bf16 run and of the SP bf16 run against fp32, per tensor."""
     names = ["o", *full]
-    pick = lambda res, n, sh: (sh(res[0]) if n == "o" else sh(res[1][n]))
-    per = {n: (rel_err(pick(single, n, shard), pick(ref, n, shard)),
-               rel_err(pick(sp, n, lambda t: t), pick(ref, n, shard))) for n in names}
+    pick = lambda res, n, sh: sh(res[0]) if n == "o" else sh(res[1][n])
+    per = {
+        n: (
+            rel_err(pick(single, n, shard), pick(ref, n, shard)),
+            rel_err(pick(sp, n, lambda t: t), pick(ref, n, shard)),
+        )
+        for n in names
+    }
     e_single = max(v[0] for v in per.values())
     e_sp = max(v[1] for v in per.values())
-    return {"err_single_bf16": e_single, "err_sp_bf16": e_sp,
-            "per_tensor": {n: [round(a, 6), round(b, 6)] for n, (a, b) in per.items()},
-            "ok": e_sp <= 2 * e_single + 2e-3}
+    return {
+        "err_single_bf16": e_single,
+        "err_sp_bf16": e_sp,
+        "per_tensor": {n: [round(a, 6), round(b, 6)] for n, (a, b) in per.items()},
+        "ok": e_sp <= 2 * e_single + 2e-3,
+    }
 
 
 def check_variant(variant, layout, sp, rank, group, args, device) -> dict:
     sp_op, chunk, gates = VARIANTS[variant]
     T = args.t_local * sp
     full = inputs(variant, 1, T, args.heads, args.head_dim, device)
-    w = torch.randn(1, T, args.heads, args.head_dim, device=device,
-                    generator=torch.Generator(device=device).manual_seed(7))
-    call = lambda op: (lambda q, k, v, **g: op(q, k, v, *[g[n] for n in gates] or [None]))
+    w = torch.randn(
+        1,
+        T,
+        args.heads,
+        args.head_dim,
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(7),
+    )
+    call = lambda op: lambda q, k, v, **g: op(q, k, v, *[g[n] for n in gates] or [None])
     ref_op = functools.partial(chunk, backend="reference")
     o32, g32 = run_and_grads(call(lambda *a: ref_op(*a)[0]), full, w, torch.float32)
     o16, g16 = run_and_grads(call(lambda *a: chunk(*a)[0]), full, w, torch.bfloat16)
     shard = lambda t: shard_sequence(t, dim=1, rank=rank, world=sp, layout=layout)
     osp, gsp = run_and_grads(
         call(lambda *a: sp_op(*a, group=group, layout=layout)),
-        {k: shard(t) for k, t in full.items()}, shard(w), torch.bfloat16)
+        {k: shard(t) for k, t in full.items()},
+        shard(w),
+        torch.bfloat16,
+    )
     return _verdict(shard, full, (o32, g32), (o16, g16), (osp, gsp))
 
 
 def check_lasp2h(layout, sp, rank, group, args, device) -> dict:
     T, hq, hkv, D = args.t_local * sp, args.heads, max(args.heads // 4, 1), args.head_dim
     gen = torch.Generator(device=device).manual_seed(3)
-    full = {"q": torch.randn(1, T, hq, D, device=device, generator=gen),
-            "k": torch.randn(1, T, hkv, D, device=device, generator=gen),
-            "v": torch.randn(1, T, hkv, D, device=device, generator=gen)}
+    full = {
+        "q": torch.randn(1, T, hq, D, device=device, generator=gen),
+        "k": torch.randn(1, T, hkv, D, device=device, generator=gen),
+        "v": torch.randn(1, T, hkv, D, device=device, generator=gen),
+    }
     w = torch.randn(1, T, hq, D, device=device, generator=gen)
 
     def single(q, k, v):
         rep = hq // hkv
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
-            v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)
+            q.transpose(1, 2),
+            k.repeat_interleave(rep, 2).transpose(1, 2),
+            v.repeat_interleave(rep, 2).transpose(1, 2),
+            is_causal=True,
+        )
         return o.transpose(1, 2)
 
     o32, g32 = run_and_grads(single, full, w, torch.float32)
     o16, g16 = run_and_grads(single, full, w, torch.bfloat16)
     shard = lambda t: shard_sequence(t, dim=1, rank=rank, world=sp, layout=layout)
-    osp, gsp = run_and_grads(lambda q, k, v: lasp2h_attention(q, k, v, group=group,
-                                                              layout=layout),
-                             {k: shard(t) for k, t in full.items()}, shard(w), torch.bfloat16)
+    osp, gsp = run_and_grads(
+        lambda q, k, v: lasp2h_attention(q, k, v, group=group, layout=layout),
+        {k: shard(t) for k, t in full.items()},
+        shard(w),
+        torch.bfloat16,
+    )
     return _verdict(shard, full, (o32, g32), (o16, g16), (osp, gsp))
 
 
@@ -139,8 +169,16 @@ def check_model(variant, layout, sp, rank, group, args, device) -> dict:
     from models.llama import LinearLlama, ModelArgs
     from parallel.sequence_parallel import apply_sequence_parallel
 
-    margs = ModelArgs(dim=512, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=1024,
-                      vocab_size=1024, layer_pattern="LLLN", linear_variant=variant)
+    margs = ModelArgs(
+        dim=512,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=1024,
+        vocab_size=1024,
+        layer_pattern="LLLN",
+        linear_variant=variant,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LinearLlama(margs)
@@ -159,15 +197,22 @@ def check_model(variant, layout, sp, rank, group, args, device) -> dict:
     loss1, grad1 = loss_grads(tokens, labels, None)
     apply_sequence_parallel(model, group=group, layout=layout)
     kw = {"rank": rank, "world": sp, "layout": layout}
-    loss_sp, grad_sp = loss_grads(shard_sequence(tokens, dim=1, **kw),
-                                  shard_sequence(labels, dim=1, **kw),
-                                  shard_position_ids(T, device=device, **kw))
+    loss_sp, grad_sp = loss_grads(
+        shard_sequence(tokens, dim=1, **kw),
+        shard_sequence(labels, dim=1, **kw),
+        shard_position_ids(T, device=device, **kw),
+    )
     dist.all_reduce(loss_sp, group=group)
     dist.all_reduce(grad_sp, group=group)
     cos = float(F.cosine_similarity(grad1.double(), grad_sp.double(), dim=0))
     loss_err = abs(float(loss_sp) - float(loss1)) / abs(float(loss1))
-    return {"loss_single": float(loss1), "loss_sp": float(loss_sp), "loss_rel_err": loss_err,
-            "grad_cosine": cos, "ok": loss_err < 1e-2 and cos > 0.99}
+    return {
+        "loss_single": float(loss1),
+        "loss_sp": float(loss_sp),
+        "loss_rel_err": loss_err,
+        "grad_cosine": cos,
+        "ok": loss_err < 1e-2 and cos > 0.99,
+    }
 
 
 def _triton_version() -> str | None:
@@ -181,8 +226,12 @@ def _triton_version() -> str | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--t-local", type=int, default=4000,
-                   help="tokens per rank (not a multiple of 64 on purpose)")
+    p.add_argument(
+        "--t-local",
+        type=int,
+        default=4000,
+        help="tokens per rank (not a multiple of 64 on purpose)",
+    )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it)")
@@ -201,12 +250,20 @@ def main() -> None:
     groups = {s: dist.new_group(list(range(s))) for s in sps}
     rows = []
     for sp in sps:
-        cases = [(f"lasp2-{v}-{lay}", functools.partial(check_variant, v, lay))
-                 for v in VARIANTS for lay in ("contiguous", "zigzag")]
-        cases += [(f"lasp2h-gqa-{lay}", functools.partial(check_lasp2h, lay))
-                  for lay in ("contiguous", "zigzag")]
-        cases += [(f"model-LLLN-{v}-{lay}", functools.partial(check_model, v, lay))
-                  for v in ("linear", "gated_deltanet") for lay in ("contiguous", "zigzag")]
+        cases = [
+            (f"lasp2-{v}-{lay}", functools.partial(check_variant, v, lay))
+            for v in VARIANTS
+            for lay in ("contiguous", "zigzag")
+        ]
+        cases += [
+            (f"lasp2h-gqa-{lay}", functools.partial(check_lasp2h, lay))
+            for lay in ("contiguous", "zigzag")
+        ]
+        cases += [
+            (f"model-LLLN-{v}-{lay}", functools.partial(check_model, v, lay))
+            for v in ("linear", "gated_deltanet")
+            for lay in ("contiguous", "zigzag")
+        ]
         for name, fn in cases:
             res: dict = {"case": name, "sp": sp}
             if rank < sp:
@@ -220,20 +277,29 @@ def main() -> None:
             dist.all_gather_object(gathered, res)
             if rank == 0:
                 per_rank = [g for g in gathered[:sp]]
-                row = {"case": name, "sp": sp, "ok": all(g.get("ok") for g in per_rank),
-                       "ranks": per_rank}
+                row = {
+                    "case": name,
+                    "sp": sp,
+                    "ok": all(g.get("ok") for g in per_rank),
+                    "ranks": per_rank,
+                }
                 rows.append(row)
                 worst = max(per_rank, key=lambda g: g.get("err_sp_bf16", 0.0))
-                detail = {k: v for k, v in worst.items()
-                          if k not in ("case", "sp", "ranks", "per_tensor")}
-                print(f"sp={sp} {name:32s} {'ok  ' if row['ok'] else 'FAIL'} {detail}",
-                      flush=True)
+                detail = {
+                    k: v for k, v in worst.items() if k not in ("case", "sp", "ranks", "per_tensor")
+                }
+                print(f"sp={sp} {name:32s} {'ok  ' if row['ok'] else 'FAIL'} {detail}", flush=True)
     if rank == 0:
         card = "cpu" if args.cpu else torch.cuda.get_device_name()
-        meta = {"card": card, "world": world, "torch": torch.__version__,
-                "triton": _triton_version(),
-                "command": " ".join(sys.argv),
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(), "args": vars(args)}
+        meta = {
+            "card": card,
+            "world": world,
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "command": " ".join(sys.argv),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "args": vars(args),
+        }
         print(f"{sum(r['ok'] for r in rows)}/{len(rows)} cases ok")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

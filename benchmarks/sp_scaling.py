@@ -40,8 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-               ("NVSHMEM_DISABLE_NVLS", "1")):
+for _k, _v in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
@@ -69,27 +72,45 @@ def configs(world: int, per_gpu: int, only: set[str] | None) -> list[dict]:
     sps = [s for s in (1, 2, 4) if s <= world]
     out = []
     for model in ("linear", "hybrid"):
-        impls = [("lasp2", "contiguous"), ("lasp1", "contiguous")] if model == "linear" else \
-            [("lasp2", "contiguous"), ("lasp2", "zigzag")]
+        impls = (
+            [("lasp2", "contiguous"), ("lasp1", "contiguous")]
+            if model == "linear"
+            else [("lasp2", "contiguous"), ("lasp2", "zigzag")]
+        )
         for group, tokens in (("weak", lambda s: per_gpu * s), ("strong", lambda s: total)):
             name = f"{group}-{model}"
             if only and name not in only:
                 continue
             for sp in sps:
-                for impl, layout in (impls if sp > 1 else [("none", "contiguous")]):
-                    out.append({"group": name, "model": model, "sp": sp, "impl": impl,
-                                "layout": layout, "seq_len": tokens(sp)})
+                for impl, layout in impls if sp > 1 else [("none", "contiguous")]:
+                    out.append(
+                        {
+                            "group": name,
+                            "model": model,
+                            "sp": sp,
+                            "impl": impl,
+                            "layout": layout,
+                            "seq_len": tokens(sp),
+                        }
+                    )
     return out
 
 
 def build_model(model: str, size: str, device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     pattern = "L" if model == "linear" else "LLLN"
     if size == "cpu":
-        args = get_preset("tiny", dim=64, n_layers=4, n_heads=2, ffn_dim=128,
-                          layer_pattern=pattern)
+        args = get_preset("tiny", dim=64, n_layers=4, n_heads=2, ffn_dim=128, layer_pattern=pattern)
     elif size == "quick":
-        args = get_preset("linear-llama3-1b", dim=512, n_layers=4, n_heads=4, n_kv_heads=4,
-                          ffn_dim=1536, vocab_size=32000, layer_pattern=pattern)
+        args = get_preset(
+            "linear-llama3-1b",
+            dim=512,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=4,
+            ffn_dim=1536,
+            vocab_size=32000,
+            layer_pattern=pattern,
+        )
     else:
         args = get_preset("linear-llama3-1b", layer_pattern=pattern)
     torch.manual_seed(0)
@@ -112,8 +133,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(m, opt, batch, group, device, *, n: int, warmup: int, sp_comm: bool,
-               grad_comm: bool, autocast: bool, ddp=None) -> list[float]:
+def time_steps(
+    m,
+    opt,
+    batch,
+    group,
+    device,
+    *,
+    n: int,
+    warmup: int,
+    sp_comm: bool,
+    grad_comm: bool,
+    autocast: bool,
+    ddp=None,
+) -> list[float]:
     """Seconds per step on this rank (after ``warmup`` untimed steps).
 
     With ``ddp`` (a DistributedDataParallel wrapper of ``m`` over the SP group) the gradient
@@ -131,8 +164,7 @@ def time_steps(m, opt, batch, group, device, *, n: int, warmup: int, sp_comm: bo
                 stack.enter_context(no_comm())
             if ddp is not None and not grad_comm:
                 stack.enter_context(ddp.no_sync())
-            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16,
-                                               enabled=autocast))
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast))
             hidden = (ddp or m)(tokens, position_ids=pos)
             # DDP averages over the group: scale so that gradients are sums, as in the trainer.
             loss = m.loss(hidden, labels) / total * (sp if ddp is not None else 1)
@@ -152,34 +184,49 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
     group = groups.get(sp)
     remove_sequence_parallel(m)
     if sp > 1:
-        apply_sequence_parallel(m, group=group, layout=layout,
-                                linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2")
+        apply_sequence_parallel(
+            m,
+            group=group,
+            layout=layout,
+            linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2",
+        )
     T = cfg["seq_len"]
     gen = torch.Generator(device=device).manual_seed(1)
     full = torch.randint(0, m.args.vocab_size, (1, T + 1), device=device, generator=gen)
     kw = {"rank": rank, "world": sp, "layout": layout}
-    batch = (shard_sequence(full[:, :-1], dim=1, **kw), shard_sequence(full[:, 1:], dim=1, **kw),
-             shard_position_ids(T, device=device, **kw), float(T))
+    batch = (
+        shard_sequence(full[:, :-1], dim=1, **kw),
+        shard_sequence(full[:, 1:], dim=1, **kw),
+        shard_position_ids(T, device=device, **kw),
+        float(T),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ddp = None
     if sp > 1 and args.grad_sync == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(
-            m, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True,
-            device_ids=[device.index] if device.type == "cuda" else None)
+            m,
+            process_group=group,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
     common = {"group": group, "device": device, "autocast": device.type == "cuda", "ddp": ddp}
-    real = time_steps(m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True,
-                      grad_comm=True, **common)
+    real = time_steps(
+        m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True, grad_comm=True, **common
+    )
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     n_aux = max(2, args.steps // 2)
-    nosp = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=True,
-                      **common)
-    nocomm = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False,
-                        **common)
+    nosp = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=True, **common)
+    nocomm = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False, **common)
     del ddp, common  # the reducer's gradient hooks go with it
     gc.collect()
-    return {"step_s": statistics.median(real), "step_nosp_s": statistics.median(nosp),
-            "step_nocomm_s": statistics.median(nocomm), "peak_mem_gb": peak}
+    return {
+        "step_s": statistics.median(real),
+        "step_nosp_s": statistics.median(nosp),
+        "step_nocomm_s": statistics.median(nocomm),
+        "peak_mem_gb": peak,
+    }
 
 
 def summarise(cfg: dict, per_rank: list[dict], flops: float, peak_tflops: float) -> dict:
@@ -189,27 +236,39 @@ def summarise(cfg: dict, per_rank: list[dict], flops: float, peak_tflops: float)
     compute = [r["step_nocomm_s"] for r in per_rank]
     row = dict(cfg)
     row.update(
-        step_s=step, step_nosp_s=nosp, step_nocomm_s=max(compute),
-        rank_compute_s=compute, imbalance=max(compute) / min(compute),
-        exposed_sp_comm_s=step - nosp, exposed_sp_comm_pct=100 * (step - nosp) / step,
+        step_s=step,
+        step_nosp_s=nosp,
+        step_nocomm_s=max(compute),
+        rank_compute_s=compute,
+        imbalance=max(compute) / min(compute),
+        exposed_sp_comm_s=step - nosp,
+        exposed_sp_comm_pct=100 * (step - nosp) / step,
         exposed_all_comm_pct=100 * (step - max(compute)) / step,
-        tokens_per_s=T / step, tokens_per_s_per_gpu=T / step / sp,
+        tokens_per_s=T / step,
+        tokens_per_s_per_gpu=T / step / sp,
         mfu=flops / (step * sp * peak_tflops * 1e12),
-        peak_mem_gb=max(r["peak_mem_gb"] for r in per_rank))
+        peak_mem_gb=max(r["peak_mem_gb"] for r in per_rank),
+    )
     return row
 
 
 def print_row(r: dict) -> None:
     if "error" in r:
-        print(f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
-              f"T={r['seq_len'] / K:.1f}K  ERROR {r['error'][:120]}", flush=True)
+        print(
+            f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
+            f"T={r['seq_len'] / K:.1f}K  ERROR {r['error'][:120]}",
+            flush=True,
+        )
         return
-    print(f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
-          f"T={r['seq_len'] / K:5.1f}K step {r['step_s'] * 1e3:8.1f} ms  "
-          f"{r['tokens_per_s']:9.0f} tok/s ({r['tokens_per_s_per_gpu']:7.0f}/GPU)  "
-          f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
-          f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
-          f"imbalance {r['imbalance']:.3f}", flush=True)
+    print(
+        f"{r['group']:14s} sp={r['sp']} {r['impl']:5s} {r['layout']:10s} "
+        f"T={r['seq_len'] / K:5.1f}K step {r['step_s'] * 1e3:8.1f} ms  "
+        f"{r['tokens_per_s']:9.0f} tok/s ({r['tokens_per_s_per_gpu']:7.0f}/GPU)  "
+        f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
+        f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
+        f"imbalance {r['imbalance']:.3f}",
+        flush=True,
+    )
 
 
 def headline(rows: list[dict]) -> dict:
@@ -217,16 +276,25 @@ def headline(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     out: dict = {}
     for model in ("linear", "hybrid"):
-        weak = {(r["sp"], r["layout"]): r for r in ok
-                if r["group"] == f"weak-{model}" and r["impl"] in ("lasp2", "none")}
+        weak = {
+            (r["sp"], r["layout"]): r
+            for r in ok
+            if r["group"] == f"weak-{model}" and r["impl"] in ("lasp2", "none")
+        }
         base = weak.get((1, "contiguous"))
         for (sp, layout), r in sorted(weak.items()):
             if base and sp > 1:
                 out[f"weak_eff_{model}_sp{sp}_{layout}"] = r["mfu"] / base["mfu"]
     for r in ok:
         if r["impl"] == "lasp1":
-            twin = next((x for x in ok if x["group"] == r["group"] and x["sp"] == r["sp"]
-                         and x["impl"] == "lasp2"), None)
+            twin = next(
+                (
+                    x
+                    for x in ok
+                    if x["group"] == r["group"] and x["sp"] == r["sp"] and x["impl"] == "lasp2"
+                ),
+                None,
+            )
             if twin:
                 out[f"lasp2_over_lasp1_{r['group']}_sp{r['sp']}"] = r["step_s"] / twin["step_s"]
     sp_rows = [r for r in ok if r["sp"] > 1]
@@ -241,21 +309,30 @@ def headline(rows: list[dict]) -> dict:
 def markdown_table(path: str) -> str:
     """The README table of a results JSON (``--table``; no GPUs or torchrun needed)."""
     data = json.loads(Path(path).read_text())
-    lines = [f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
-             f"{data['meta']['date'][:10]}", "",
-             "| group | sp | impl | layout | tokens | step ms | tok/s/GPU | MFU | peak GB "
-             "| exposed SP comm % | imbalance |", "|" + "---|" * 11]
+    lines = [
+        f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
+        f"{data['meta']['date'][:10]}",
+        "",
+        "| group | sp | impl | layout | tokens | step ms | tok/s/GPU | MFU | peak GB "
+        "| exposed SP comm % | imbalance |",
+        "|" + "---|" * 11,
+    ]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | "
-                         f"{r['seq_len'] // K}K | {r['error'][:40]} |||||||")
+            lines.append(
+                f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | "
+                f"{r['seq_len'] // K}K | {r['error'][:40]} |||||||"
+            )
             continue
         lines.append(
             f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | {r['seq_len'] // K}K | "
             f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.3f} | "
-            f"{r['peak_mem_gb']:.1f} | {r['exposed_sp_comm_pct']:.2f} | {r['imbalance']:.3f} |")
-    lines += ["", "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in
-                                           data.get("headline", {}).items())]
+            f"{r['peak_mem_gb']:.1f} | {r['exposed_sp_comm_pct']:.2f} | {r['imbalance']:.3f} |"
+        )
+    lines += [
+        "",
+        "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in data.get("headline", {}).items()),
+    ]
     return "\n".join(lines)
 
 
@@ -269,9 +346,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=729.0)
-    p.add_argument("--grad-sync", choices=("ddp", "after"), default="ddp",
-                   help="gradient sum over the SP group: DDP (overlapped with the backward) "
-                        "or a bucketed all-reduce after it (the trainer's way)")
+    p.add_argument(
+        "--grad-sync",
+        choices=("ddp", "after"),
+        default="ddp",
+        help="gradient sum over the SP group: DDP (overlapped with the backward) "
+        "or a bucketed all-reduce after it (the trainer's way)",
+    )
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after each row)")
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo)")
     args = p.parse_args()
@@ -286,10 +367,15 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {s: dist.new_group(list(range(s))) for s in (2, 4) if s <= world}
     only = {s for s in args.only.split(",") if s} or None
-    meta = {"card": "cpu" if args.cpu else torch.cuda.get_device_name(device), "world": world,
-            "torch": torch.__version__, "command": " ".join(["torchrun", *sys.argv]),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(), "args": vars(args),
-            "flops_formula": "6*N*tokens + 6*n_softmax*dim*T^2 (per step, batch 1)"}
+    meta = {
+        "card": "cpu" if args.cpu else torch.cuda.get_device_name(device),
+        "world": world,
+        "torch": torch.__version__,
+        "command": " ".join(["torchrun", *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "args": vars(args),
+        "flops_formula": "6*N*tokens + 6*n_softmax*dim*T^2 (per step, batch 1)",
+    }
     with contextlib.suppress(ImportError):
         import triton
 
@@ -320,14 +406,20 @@ def main() -> None:
         if rank == 0:
             part = gathered[: cfg["sp"]]
             errs = [g["error"] for g in part if "error" in g]
-            row = dict(cfg, error=errs[0]) if errs else summarise(
-                cfg, part, model_flops(m, cfg["seq_len"], cfg["seq_len"]), args.peak_tflops)
+            row = (
+                dict(cfg, error=errs[0])
+                if errs
+                else summarise(
+                    cfg, part, model_flops(m, cfg["seq_len"], cfg["seq_len"]), args.peak_tflops
+                )
+            )
             rows.append(row)
             print_row(row)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(
-                    {"meta": meta, "headline": headline(rows), "rows": rows}, indent=1))
+                Path(args.out).write_text(
+                    json.dumps({"meta": meta, "headline": headline(rows), "rows": rows}, indent=1)
+                )
     if rank == 0:
         print(json.dumps(headline(rows), indent=1))
     dist.barrier()

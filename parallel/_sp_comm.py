@@ -14,16 +14,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_info", "global_rank", "Pending", "all_gather_async", "reduce_scatter_async",
-           "no_comm"]
+__all__ = [
+    "group_info",
+    "global_rank",
+    "Pending",
+    "all_gather_async",
+    "reduce_scatter_async",
+    "no_comm",
+]
 
 _SKIP_COMM = False
 # torch >= 2.13 renames the single-tensor collectives (the old names warn); torch 2.11 on the
 # GPU machines has only the old ones.
-ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else \
-    "all_gather_into_tensor"
-REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else \
-    "reduce_scatter_tensor"
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER = (
+    "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+)
 
 
 def group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -86,6 +92,7 @@ def reduce_scatter_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> Pe
     if _SKIP_COMM or world == 1:
         out.copy_(x[rank])
         return Pending(out)
-    work = getattr(dist, REDUCE_SCATTER)(out.view(-1), x.view(-1), op=dist.ReduceOp.SUM,
-                                         group=group, async_op=True)
+    work = getattr(dist, REDUCE_SCATTER)(
+        out.view(-1), x.view(-1), op=dist.ReduceOp.SUM, group=group, async_op=True
+    )
     return Pending(out, work)

@@ -59,23 +59,31 @@ class _HaloExchange(torch.autograd.Function):
         return dx.flatten(1, 2), None, None, None
 
 
-def exchange_halo(x: torch.Tensor, halo: int, *, group: dist.ProcessGroup | None,
-                  layout: str) -> torch.Tensor:
+def exchange_halo(
+    x: torch.Tensor, halo: int, *, group: dist.ProcessGroup | None, layout: str
+) -> torch.Tensor:
     """The ``halo`` tokens before each local slice: x ``[B, T_local, C]`` -> ``[B, n, halo, C]``
     (zeros before the sequence start). Differentiable; one AllGather each way."""
     check_layout(layout)
     n = slots_per_rank(layout)
     if x.dim() != 3 or x.shape[1] % n:
-        raise ValueError(f"x must be [B, T_local, C] with T_local divisible by {n}, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be [B, T_local, C] with T_local divisible by {n}, got {tuple(x.shape)}"
+        )
     if not 0 < halo <= x.shape[1] // n:
         raise ValueError(f"halo = {halo} must lie in [1, slice length {x.shape[1] // n}]")
     return _HaloExchange.apply(x, halo, group, layout)
 
 
-def sp_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                   group: dist.ProcessGroup | None, layout: str = "contiguous",
-                   conv_op: Callable[..., torch.Tensor]) -> torch.Tensor:
+def sp_causal_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    conv_op: Callable[..., torch.Tensor],
+) -> torch.Tensor:
     """``conv_op(x, weight, bias)`` (causal depthwise, zero left padding) on this rank's shard.
 
     x ``[B, T_local, C]``, weight ``[C, W]``, bias ``[C]`` or None -> ``[B, T_local, C]``, equal to
@@ -88,4 +96,4 @@ def sp_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     n = slots_per_rank(layout)
     halo = exchange_halo(x, width - 1, group=group, layout=layout)  # [B, n, W-1, C]
     xs = torch.cat([halo.transpose(0, 1).flatten(0, 1), split_slots(x, n)], dim=1)
-    return merge_slots(conv_op(xs, weight, bias)[:, width - 1:], n)
+    return merge_slots(conv_op(xs, weight, bias)[:, width - 1 :], n)

@@ -37,11 +37,22 @@ from parallel.sequence_shard import (
     split_slots,
 )
 
-__all__ = ["lasp2_linear_attn", "lasp2_gla", "lasp2_gated_delta_rule", "resolve_op",
-           "affine_pieces", "cross_term", "state_dtype", "compute_dtype"]
+__all__ = [
+    "lasp2_linear_attn",
+    "lasp2_gla",
+    "lasp2_gated_delta_rule",
+    "resolve_op",
+    "affine_pieces",
+    "cross_term",
+    "state_dtype",
+    "compute_dtype",
+]
 
-_OP_NAMES = {"linear_attn": "chunk_linear_attn", "gla": "chunk_gla",
-             "gated_delta_rule": "chunk_gated_delta_rule"}
+_OP_NAMES = {
+    "linear_attn": "chunk_linear_attn",
+    "gla": "chunk_gla",
+    "gated_delta_rule": "chunk_gated_delta_rule",
+}
 
 
 def resolve_op(family: str):
@@ -57,6 +68,7 @@ def resolve_op(family: str):
 
 
 # ---- affine algebra on states S [..., K, V] --------------------------------------------------
+
 
 def _apply(kind: str, A: torch.Tensor | None, S: torch.Tensor) -> torch.Tensor:
     """``A ∘ S``."""
@@ -259,8 +271,9 @@ def _check(q, k, v, layout: str, n: int) -> None:
     if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
     if q.shape[1] % n:
-        raise ValueError(f"q.shape[1] = T_local = {q.shape[1]} must be divisible by {n} "
-                         f"for layout {layout!r}")
+        raise ValueError(
+            f"q.shape[1] = T_local = {q.shape[1]} must be divisible by {n} for layout {layout!r}"
+        )
 
 
 def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op):
@@ -280,8 +293,9 @@ def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op)
         kind = "matrix"
         # One op call gives o_intra, q' = scale q P, M and A: values [v | 0], state [0 | I].
         sd = state_dtype(q)
-        h0 = torch.cat([q.new_zeros(K, V, dtype=sd), torch.eye(K, dtype=sd, device=q.device)],
-                       dim=-1)
+        h0 = torch.cat(
+            [q.new_zeros(K, V, dtype=sd), torch.eye(K, dtype=sd, device=q.device)], dim=-1
+        )
         h0 = h0.expand(qs.shape[0], q.shape[2], K, V + K)
         vx = torch.cat([vs, vs.new_zeros(*vs.shape[:-1], K)], dim=-1)
         ox, hx = op(qs, ks, vx, *gs, scale=scale, initial_state=h0, output_final_state=True)
@@ -300,10 +314,17 @@ def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op)
     return merge_slots((o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype), n)
 
 
-def lasp2_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      g: torch.Tensor | None = None, *, group: dist.ProcessGroup | None,
-                      layout: str = "contiguous", scale: float | None = None,
-                      op=None) -> torch.Tensor:
+def lasp2_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    op=None,
+) -> torch.Tensor:
     """Linear attention (``g`` None) or scalar decay over the SP group's sequence.
 
     Args:
@@ -320,21 +341,38 @@ def lasp2_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _lasp2("linear_attn", q, k, v, (g,), group=group, layout=layout, scale=scale, op=op)
 
 
-def lasp2_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, *,
-              group: dist.ProcessGroup | None, layout: str = "contiguous",
-              scale: float | None = None, op=None) -> torch.Tensor:
+def lasp2_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    op=None,
+) -> torch.Tensor:
     """GLA (per-key-channel decay ``gk`` ``[B, T_local, H, K]``); see :func:`lasp2_linear_attn`."""
     return _lasp2("gla", q, k, v, (gk,), group=group, layout=layout, scale=scale, op=op)
 
 
-def lasp2_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           g: torch.Tensor | None, beta: torch.Tensor, *,
-                           group: dist.ProcessGroup | None, layout: str = "contiguous",
-                           scale: float | None = None, op=None) -> torch.Tensor:
+def lasp2_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    op=None,
+) -> torch.Tensor:
     """Gated delta rule (``g``, ``beta`` ``[B, T_local, H]``); see :func:`lasp2_linear_attn`.
 
     The pieces come from the op itself, so the AllGather overlaps only the fold's neighbours
     here, not the intra-slice op (which produces them).
     """
-    return _lasp2("gated_delta_rule", q, k, v, (g, beta), group=group, layout=layout,
-                  scale=scale, op=op)
+    return _lasp2(
+        "gated_delta_rule", q, k, v, (g, beta), group=group, layout=layout, scale=scale, op=op
+    )

@@ -62,8 +62,14 @@ def attention_block_forward(q, k, v, *, causal: bool, scale: float):
     rep = q.shape[2] // k.shape[2]
     if _backend(q) == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2), 0.0, causal, False, scale=scale)
+            q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2),
+            0.0,
+            causal,
+            False,
+            scale=scale,
+        )
         # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), passed back verbatim.
         return out[0].transpose(1, 2), out[1].float(), tuple(out[2:8])
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -89,10 +95,22 @@ def attention_block_backward(do, q, k, v, o, lse, aux, *, causal: bool, scale: f
     if _backend(q) == "flash":
         cum_q, cum_k, max_q, max_k, rng, unused = aux
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do.to(q.dtype).transpose(1, 2), q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2), _repeat_kv(v, rep).transpose(1, 2),
-            o.to(q.dtype).transpose(1, 2), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0,
-            causal, rng, unused, scale=scale)
+            do.to(q.dtype).transpose(1, 2),
+            q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2),
+            o.to(q.dtype).transpose(1, 2),
+            lse.contiguous(),
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            rng,
+            unused,
+            scale=scale,
+        )
         dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
         return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
     qh, doh, oh = (t.to(ct).transpose(1, 2) for t in (q, do, o))
@@ -106,8 +124,11 @@ def attention_block_backward(do, q, k, v, o, lse, aux, *, causal: bool, scale: f
     dq = (ds @ kh) * scale
     dk = (ds.transpose(-1, -2) @ qh) * scale
     dv = p.transpose(-1, -2) @ doh
-    return dq.transpose(1, 2), _fold_heads(dk.transpose(1, 2), rep), \
-        _fold_heads(dv.transpose(1, 2), rep)
+    return (
+        dq.transpose(1, 2),
+        _fold_heads(dk.transpose(1, 2), rep),
+        _fold_heads(dv.transpose(1, 2), rep),
+    )
 
 
 def _merge(o1, l1, o2, l2):
@@ -142,16 +163,21 @@ class _Lasp2hAttention(torch.autograd.Function):
         o_diag, l_diag = o_diag.unflatten(0, (n, B)), l_diag.unflatten(0, (n, B))
         gathered = pending.wait().unflatten(3, (n, ts))  # [W, 2, B, n, ts, Hkv, D]
         mine = local_slices(rank, world, layout)
-        order = [gathered[(o := slice_owner(j, world, layout))[0], :, :, o[1]]
-                 for j in range(max(mine))]
+        order = [
+            gathered[(o := slice_owner(j, world, layout))[0], :, :, o[1]] for j in range(max(mine))
+        ]
         kv_past = torch.cat(order, dim=2) if order else None  # [2, B, max(mine) * ts, Hkv, D]
         outs, lses, aux_past = [], [], []
         for i, j in enumerate(mine):
             o_i, l_i = o_diag[i], l_diag[i]
             if j > 0:
                 o_p, l_p, aux = attention_block_forward(
-                    qs.unflatten(0, (n, B))[i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
-                    causal=False, scale=scale)
+                    qs.unflatten(0, (n, B))[i],
+                    kv_past[0, :, : j * ts],
+                    kv_past[1, :, : j * ts],
+                    causal=False,
+                    scale=scale,
+                )
                 o_i, l_i = _merge(o_i, l_i, o_p, l_p)
                 aux_past.append(aux)
             outs.append(o_i)
@@ -173,26 +199,45 @@ class _Lasp2hAttention(torch.autograd.Function):
         aux_diag, aux_past = ctx.aux
         aux_past = iter(aux_past)
         q_sl, do_sl, o_sl = (t.unflatten(1, (n, ts)) for t in (q, do, o))
-        dq = torch.zeros(q_sl.shape, dtype=torch.float64 if q.dtype == torch.float64
-                         else torch.float32, device=q.device)
+        dq = torch.zeros(
+            q_sl.shape,
+            dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+            device=q.device,
+        )
         # Past blocks first: their K/V gradients go to other ranks.
         dkv_all = dq.new_zeros(world, 2, B, T, Hkv, D)
         for i, j in enumerate(mine):
             if j == 0:
                 continue
             dq_p, dk_p, dv_p = attention_block_backward(
-                do_sl[:, i], q_sl[:, i], kv_past[0, :, : j * ts], kv_past[1, :, : j * ts],
-                o_sl[:, i], lses[i], next(aux_past), causal=False, scale=scale)
+                do_sl[:, i],
+                q_sl[:, i],
+                kv_past[0, :, : j * ts],
+                kv_past[1, :, : j * ts],
+                o_sl[:, i],
+                lses[i],
+                next(aux_past),
+                causal=False,
+                scale=scale,
+            )
             dq[:, i] += dq_p
             for jj in range(j):
                 r, slot = slice_owner(jj, world, layout)
                 sl = slice(slot * ts, (slot + 1) * ts)
-                dkv_all[r, 0, :, sl] += dk_p[:, jj * ts:(jj + 1) * ts]
-                dkv_all[r, 1, :, sl] += dv_p[:, jj * ts:(jj + 1) * ts]
+                dkv_all[r, 0, :, sl] += dk_p[:, jj * ts : (jj + 1) * ts]
+                dkv_all[r, 1, :, sl] += dv_p[:, jj * ts : (jj + 1) * ts]
         pending = reduce_scatter_async(dkv_all, group)  # [2, B, T, Hkv, D]
         dq_d, dk_d, dv_d = attention_block_backward(
-            split_slots(do, n), split_slots(q, n), split_slots(k, n), split_slots(v, n),
-            split_slots(o, n), lses.flatten(0, 1), aux_diag, causal=True, scale=scale)
+            split_slots(do, n),
+            split_slots(q, n),
+            split_slots(k, n),
+            split_slots(v, n),
+            split_slots(o, n),
+            lses.flatten(0, 1),
+            aux_diag,
+            causal=True,
+            scale=scale,
+        )
         dq = dq.flatten(1, 2) + merge_slots(dq_d, n)
         dkv = pending.wait()
         dk = dkv[0] + merge_slots(dk_d, n)
@@ -200,9 +245,15 @@ class _Lasp2hAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     group: dist.ProcessGroup | None, layout: str = "contiguous",
-                     scale: float | None = None) -> torch.Tensor:
+def lasp2h_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    scale: float | None = None,
+) -> torch.Tensor:
     """Causal softmax attention (GQA) over the SP group's sequence.
 
     Args:
@@ -215,10 +266,17 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ``[B, T_local, Hq, D]``, this shard of the single-device causal attention.
     """
     check_layout(layout)
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or \
-            q.shape[-1] != k.shape[-1] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must be [B, T, Hq, D] "
-                         "and [B, T, Hkv, D] with Hq a multiple of Hkv")
+    if (
+        q.dim() != 4
+        or k.shape != v.shape
+        or q.shape[:2] != k.shape[:2]
+        or q.shape[-1] != k.shape[-1]
+        or q.shape[2] % k.shape[2]
+    ):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must be [B, T, Hq, D] "
+            "and [B, T, Hkv, D] with Hq a multiple of Hkv"
+        )
     n = slots_per_rank(layout)
     if q.shape[1] % n:
         raise ValueError(f"q.shape[1] = {q.shape[1]} must be divisible by {n} for {layout!r}")
@@ -227,7 +285,11 @@ def lasp2h_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if world == 1:
         rep = q.shape[2] // k.shape[2]
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2), is_causal=True, scale=scale)
+            q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2),
+            is_causal=True,
+            scale=scale,
+        )
         return o.transpose(1, 2)
     return _Lasp2hAttention.apply(q, k, v, group, layout, scale)

@@ -63,9 +63,16 @@ class _RingStates(torch.autograd.Function):
         return U, dA, None, None
 
 
-def lasp1_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      g: torch.Tensor | None = None, *, group: dist.ProcessGroup | None,
-                      scale: float | None = None, op=None) -> torch.Tensor:
+def lasp1_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None,
+    scale: float | None = None,
+    op=None,
+) -> torch.Tensor:
     """Linear attention / scalar decay with the LASP-1 ring, contiguous layout.
 
     Args:
@@ -78,8 +85,10 @@ def lasp1_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``o`` ``[B, T_local, H, V]``.
     """
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
-                         "[B, T_local, H, D] and agree")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+            "[B, T_local, H, D] and agree"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     op = op or resolve_op("linear_attn")
     _, world = group_info(group)
@@ -91,4 +100,3 @@ def lasp1_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_in = _RingStates.apply(M, A, group, kind)
     o_cross = cross_term(q_x, s_in, compute_dtype(q))
     return (o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype)
-

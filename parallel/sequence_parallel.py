@@ -29,8 +29,11 @@ from parallel.sequence_shard import check_layout
 
 __all__ = ["apply_sequence_parallel", "remove_sequence_parallel"]
 
-_LASP2 = {"linear_attn": lasp2_linear_attn, "gla": lasp2_gla,
-          "gated_delta_rule": lasp2_gated_delta_rule}
+_LASP2 = {
+    "linear_attn": lasp2_linear_attn,
+    "gla": lasp2_gla,
+    "gated_delta_rule": lasp2_gated_delta_rule,
+}
 _ORIGINAL = "_sp_original_op"
 
 
@@ -42,8 +45,10 @@ def _intra_op(family: str, attn_op):
     base = resolve_op(family)
     # models.layers names its default ops "<chunk op>_<backend>"; keep the backend it chose.
     backend = getattr(attn_op, "__name__", "").rsplit("_", 1)[-1]
-    if backend in ("auto", "triton", "reference") and \
-            "backend" in inspect.signature(base).parameters:
+    if (
+        backend in ("auto", "triton", "reference")
+        and "backend" in inspect.signature(base).parameters
+    ):
         return functools.partial(base, backend=backend)
     return base
 
@@ -54,8 +59,13 @@ def _swap(module: nn.Module, attr: str, new) -> None:
     setattr(module, attr, new)
 
 
-def apply_sequence_parallel(model: nn.Module, *, group: dist.ProcessGroup | None,
-                            layout: str = "contiguous", linear_impl: str = "lasp2") -> nn.Module:
+def apply_sequence_parallel(
+    model: nn.Module,
+    *,
+    group: dist.ProcessGroup | None,
+    layout: str = "contiguous",
+    linear_impl: str = "lasp2",
+) -> nn.Module:
     """Swap every SP-relevant hook of ``model`` in place and return it.
 
     Args:
@@ -82,19 +92,24 @@ def apply_sequence_parallel(model: nn.Module, *, group: dist.ProcessGroup | None
             op = _intra_op(family, original)
             if linear_impl == "lasp1":
                 if family != "linear_attn":
-                    raise ValueError(f"linear_impl='lasp1' supports only the linear_attn family, "
-                                     f"not {family!r}")
+                    raise ValueError(
+                        f"linear_impl='lasp1' supports only the linear_attn family, not {family!r}"
+                    )
                 new = functools.partial(lasp1_linear_attn, group=group, op=op)
             else:
                 new = functools.partial(_LASP2[family], group=group, layout=layout, op=op)
             _swap(module, "attn_op", new)
         elif isinstance(module, SoftmaxAttention):
-            _swap(module, "attn_op", functools.partial(lasp2h_attention, group=group,
-                                                       layout=layout))
+            _swap(
+                module, "attn_op", functools.partial(lasp2h_attention, group=group, layout=layout)
+            )
         elif isinstance(module, ShortConvolution):
             original = getattr(module, _ORIGINAL, module.conv_op)
-            _swap(module, "conv_op", functools.partial(sp_causal_conv, group=group,
-                                                       layout=layout, conv_op=original))
+            _swap(
+                module,
+                "conv_op",
+                functools.partial(sp_causal_conv, group=group, layout=layout, conv_op=original),
+            )
     return model
 
 

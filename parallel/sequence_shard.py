@@ -70,8 +70,9 @@ def _slice_len(seq_len: int, world: int, layout: str, what: str) -> int:
     return seq_len // parts
 
 
-def shard_sequence(x: torch.Tensor, *, dim: int, rank: int, world: int, layout: str
-                   ) -> torch.Tensor:
+def shard_sequence(
+    x: torch.Tensor, *, dim: int, rank: int, world: int, layout: str
+) -> torch.Tensor:
     """This rank's shard of a full sequence along ``dim`` (``T -> T / W``)."""
     ts = _slice_len(x.shape[dim], world, layout, f"x.shape[{dim}]")
     parts = [x.narrow(dim, j * ts, ts) for j in local_slices(rank, world, layout)]
@@ -89,8 +90,9 @@ def merge_shards(shards: list[torch.Tensor], *, dim: int, layout: str) -> torch.
     return torch.cat(pieces, dim=dim)
 
 
-def unshard_sequence(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None,
-                     layout: str) -> torch.Tensor:
+def unshard_sequence(
+    x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None, layout: str
+) -> torch.Tensor:
     """All-gather every rank's shard and reassemble the full sequence (tests, evaluation).
 
     Not differentiable; ``x`` must have the same shape on every rank.
@@ -101,11 +103,13 @@ def unshard_sequence(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | No
     return merge_shards(shards, dim=dim, layout=layout)
 
 
-def shard_position_ids(seq_len: int, *, rank: int, world: int, layout: str,
-                       device: torch.device | str | None = None) -> torch.Tensor:
+def shard_position_ids(
+    seq_len: int, *, rank: int, world: int, layout: str, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Global position ids ``[seq_len / W]`` (int64) of this rank's tokens, for RoPE."""
-    return shard_sequence(torch.arange(seq_len, device=device), dim=0, rank=rank, world=world,
-                          layout=layout)
+    return shard_sequence(
+        torch.arange(seq_len, device=device), dim=0, rank=rank, world=world, layout=layout
+    )
 
 
 def split_slots(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -13,9 +13,19 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["run_suite", "suite_results", "check_case"]
+import torch
+
+__all__ = ["run_suite", "suite_results", "check_case", "rel_err"]
 
 _HERE = Path(__file__).resolve().parent
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
 _ROOT = _HERE.parents[1]
 
 
@@ -28,16 +38,36 @@ def _free_port() -> int:
 def run_suite(suite: str, world: int, *, timeout: float = 240.0) -> dict[str, dict]:
     """``{case: {"ok": bool, "err": float, "msg": str, "s": seconds}}`` merged over ranks
     (a case is ok only if it is ok on every rank; ``err`` is the max over ranks)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         procs = [
             subprocess.Popen(
-                [sys.executable, str(_HERE / "sp_worker.py"), "--suite", suite, "--world",
-                 str(world), "--rank", str(r), "--port", str(port), "--out", tmp],
-                env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                [
+                    sys.executable,
+                    str(_HERE / "sp_worker.py"),
+                    "--suite",
+                    suite,
+                    "--world",
+                    str(world),
+                    "--rank",
+                    str(r),
+                    "--port",
+                    str(port),
+                    "--out",
+                    tmp,
+                ],
+                env=env,
+                cwd=_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             for r in range(world)
         ]
         deadline = time.monotonic() + timeout
@@ -58,8 +88,9 @@ def run_suite(suite: str, world: int, *, timeout: float = 240.0) -> dict[str, di
             path = Path(tmp) / f"rank{r}.json"
             if not path.exists():
                 tail = "\n".join(log[-3000:] for log in logs)
-                raise RuntimeError(f"rank {r} wrote no results (suite {suite!r}, world {world}):"
-                                   f"\n{tail}")
+                raise RuntimeError(
+                    f"rank {r} wrote no results (suite {suite!r}, world {world}):\n{tail}"
+                )
             for name, res in json.loads(path.read_text()).items():
                 m = merged.setdefault(name, {"ok": True, "err": 0.0, "msg": "", "s": 0.0})
                 m["ok"] &= res["ok"]

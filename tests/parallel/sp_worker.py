@@ -25,6 +25,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sp_cases_model import (  # noqa: E402
+    MODEL_RUNS,
+    model_cases,
+    model_overrides,
+    train_losses,
+)
+from sp_harness import rel_err  # noqa: E402
+
 import parallel._sp_comm as comm  # noqa: E402
 from models.ops import naive  # noqa: E402
 from parallel.conv_halo import sp_causal_conv  # noqa: E402
@@ -49,11 +57,6 @@ FAMILIES = {  # name: (sp op, naive op, gate kinds)
 }
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def make_inputs(variant: str, T: int, seed: int) -> dict[str, torch.Tensor]:
     """Full-sequence fp64 inputs; heads differ in decay strength (head 0 forgets fast)."""
     gen = torch.Generator().manual_seed(seed)
@@ -71,13 +74,23 @@ def make_inputs(variant: str, T: int, seed: int) -> dict[str, torch.Tensor]:
     return x
 
 
-def grads_vs_ref(sp_fn: Callable, ref_fn: Callable, full: dict, *, rank: int, world: int,
-                 layout: str, dtype: torch.dtype, seed: int) -> float:
+def grads_vs_ref(
+    sp_fn: Callable,
+    ref_fn: Callable,
+    full: dict,
+    *,
+    rank: int,
+    world: int,
+    layout: str,
+    dtype: torch.dtype,
+    seed: int,
+) -> float:
     """Max relative error of SP output and grads against the fp64 reference (this rank)."""
     ref_in = {k: t.clone().requires_grad_() for k, t in full.items()}
     o_ref = ref_fn(**ref_in)
-    w = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(seed + 1),
-                    dtype=torch.float64)
+    w = torch.randn(
+        o_ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
     (o_ref * w).sum().backward()
     shard = lambda t: shard_sequence(t, dim=1, rank=rank, world=world, layout=layout)
     loc = {k: shard(t).to(dtype).requires_grad_() for k, t in full.items()}
@@ -95,11 +108,13 @@ def lasp2_case(variant: str, layout: str, dtype: torch.dtype, intra: str):
         seed = zlib.crc32(f"{variant}-{layout}".encode()) % 1000
         full = make_inputs(variant, T_LOCAL * world, seed=seed)
         op = ref_op if intra == "naive" else None
-        sp = lambda q, k, v, **gk: sp_op(q, k, v, *[gk.get(n) for n in gates] or [None],
-                                          group=group, layout=layout, op=op)
+        sp = lambda q, k, v, **gk: sp_op(
+            q, k, v, *[gk.get(n) for n in gates] or [None], group=group, layout=layout, op=op
+        )
         ref = lambda q, k, v, **gk: ref_op(q, k, v, *[gk.get(n) for n in gates] or [None])[0]
-        return grads_vs_ref(sp, ref, full, rank=rank, world=world, layout=layout, dtype=dtype,
-                            seed=7)
+        return grads_vs_ref(
+            sp, ref, full, rank=rank, world=world, layout=layout, dtype=dtype, seed=7
+        )
 
     return run
 
@@ -109,11 +124,11 @@ def lasp1_case(variant: str):
 
     def run(rank, world, group):
         full = make_inputs(variant, T_LOCAL * world, seed=11)
-        sp = lambda q, k, v, **gk: lasp1_linear_attn(q, k, v, gk.get("g"), group=group,
-                                                     op=ref_op)
+        sp = lambda q, k, v, **gk: lasp1_linear_attn(q, k, v, gk.get("g"), group=group, op=ref_op)
         ref = lambda q, k, v, **gk: ref_op(q, k, v, gk.get("g"))[0]
-        return grads_vs_ref(sp, ref, full, rank=rank, world=world, layout="contiguous",
-                            dtype=torch.float64, seed=3)
+        return grads_vs_ref(
+            sp, ref, full, rank=rank, world=world, layout="contiguous", dtype=torch.float64, seed=3
+        )
 
     return run
 
@@ -122,9 +137,11 @@ def lasp2h_case(layout: str, hq: int, hkv: int):
     def run(rank, world, group):
         gen = torch.Generator().manual_seed(5)
         T = 2 * 24 * world
-        full = {"q": torch.randn(B, T, hq, D, generator=gen, dtype=torch.float64),
-                "k": torch.randn(B, T, hkv, D, generator=gen, dtype=torch.float64),
-                "v": torch.randn(B, T, hkv, D, generator=gen, dtype=torch.float64)}
+        full = {
+            "q": torch.randn(B, T, hq, D, generator=gen, dtype=torch.float64),
+            "k": torch.randn(B, T, hkv, D, generator=gen, dtype=torch.float64),
+            "v": torch.randn(B, T, hkv, D, generator=gen, dtype=torch.float64),
+        }
 
         def ref(q, k, v):
             rep = hq // hkv
@@ -134,8 +151,9 @@ def lasp2h_case(layout: str, hq: int, hkv: int):
             return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 
         sp = lambda q, k, v: lasp2h_attention(q, k, v, group=group, layout=layout)
-        return grads_vs_ref(sp, ref, full, rank=rank, world=world, layout=layout,
-                            dtype=torch.float64, seed=9)
+        return grads_vs_ref(
+            sp, ref, full, rank=rank, world=world, layout=layout, dtype=torch.float64, seed=9
+        )
 
     return run
 
@@ -155,8 +173,14 @@ def conv_case(layout: str, width: int):
         full = {"x": full_x}
         err = grads_vs_ref(
             lambda x: sp_causal_conv(x, wr, br, group=group, layout=layout, conv_op=conv),
-            lambda x: conv(x, weight, bias), full, rank=rank, world=world, layout=layout,
-            dtype=torch.float64, seed=2)
+            lambda x: conv(x, weight, bias),
+            full,
+            rank=rank,
+            world=world,
+            layout=layout,
+            dtype=torch.float64,
+            seed=2,
+        )
         # weight/bias grads are partial sums per rank: reduce, then compare.
         w_ref, b_ref = weight.clone().requires_grad_(), bias.clone().requires_grad_()
         o = conv(full_x, w_ref, b_ref)
@@ -175,8 +199,9 @@ def shard_case(layout: str):
         x = torch.arange(3 * T, dtype=torch.float64).view(3, T)
         loc = shard_sequence(x, dim=1, rank=rank, world=world, layout=layout)
         pos = shard_position_ids(T, rank=rank, world=world, layout=layout)
-        shards = [shard_sequence(x, dim=1, rank=r, world=world, layout=layout)
-                  for r in range(world)]
+        shards = [
+            shard_sequence(x, dim=1, rank=r, world=world, layout=layout) for r in range(world)
+        ]
         err = rel_err(unshard_sequence(loc, dim=1, group=group, layout=layout), x)
         err = max(err, rel_err(merge_shards(shards, dim=1, layout=layout), x))
         return max(err, rel_err(pos.double(), loc[0]))
@@ -186,10 +211,25 @@ def shard_case(layout: str):
 
 def count_case(variant: str, layout: str):
     """Exactly one collective (an all_gather) per layer in forward and one in backward."""
-    names = tuple(n for n in (
-        "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-        "reduce_scatter_tensor", "reduce_scatter_single", "all_reduce", "broadcast", "send",
-        "recv", "isend", "irecv", "all_to_all") if hasattr(dist, n))
+    names = tuple(
+        n
+        for n in (
+            "all_gather",
+            "all_gather_into_tensor",
+            "all_gather_single",
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "reduce_scatter_single",
+            "all_reduce",
+            "broadcast",
+            "send",
+            "recv",
+            "isend",
+            "irecv",
+            "all_to_all",
+        )
+        if hasattr(dist, n)
+    )
 
     def run(rank, world, group):
         calls: list[str] = []
@@ -200,17 +240,20 @@ def count_case(variant: str, layout: str):
 
         full = make_inputs(variant, T_LOCAL * world, seed=1)
         sp_op, ref_op, gates = FAMILIES[variant]
-        loc = {k: shard_sequence(t, dim=1, rank=rank, world=world, layout=layout)
-               .float().requires_grad_() for k, t in full.items()}
+        loc = {
+            k: shard_sequence(t, dim=1, rank=rank, world=world, layout=layout)
+            .float()
+            .requires_grad_()
+            for k, t in full.items()
+        }
         args = [loc.get(n) for n in gates] or [None]
         try:
             for n in names:
                 setattr(dist, n, wrap(n))
-            o = sp_op(loc["q"], loc["k"], loc["v"], *args, group=group, layout=layout,
-                      op=ref_op)
+            o = sp_op(loc["q"], loc["k"], loc["v"], *args, group=group, layout=layout, op=ref_op)
             fwd = list(calls)
             o.sum().backward()
-            bwd = calls[len(fwd):]
+            bwd = calls[len(fwd) :]
         finally:
             for n in names:
                 setattr(dist, n, saved[n])
@@ -226,13 +269,21 @@ def ops_cases(world: int) -> dict[str, tuple[Callable, float]]:
     for layout in LAYOUTS:
         for variant in FAMILIES:
             cases[f"lasp2-{variant}-{layout}-fp64"] = (
-                lasp2_case(variant, layout, torch.float64, "naive"), 1e-9)
+                lasp2_case(variant, layout, torch.float64, "naive"),
+                1e-9,
+            )
             cases[f"lasp2-{variant}-{layout}-fp32-chunk"] = (
-                lasp2_case(variant, layout, torch.float32, "chunk"), 2e-4)
+                lasp2_case(variant, layout, torch.float32, "chunk"),
+                2e-4,
+            )
         cases[f"lasp2-delta-{layout}-bf16-chunk"] = (
-            lasp2_case("delta", layout, torch.bfloat16, "chunk"), 5e-2)
+            lasp2_case("delta", layout, torch.bfloat16, "chunk"),
+            5e-2,
+        )
         cases[f"lasp2-gla-{layout}-bf16-chunk"] = (
-            lasp2_case("gla", layout, torch.bfloat16, "chunk"), 5e-2)
+            lasp2_case("gla", layout, torch.bfloat16, "chunk"),
+            5e-2,
+        )
         cases[f"lasp2h-gqa-{layout}"] = (lasp2h_case(layout, 4, 2), 1e-9)
         cases[f"lasp2h-mha-{layout}"] = (lasp2h_case(layout, 2, 2), 1e-9)
         cases[f"conv-halo-w4-{layout}"] = (conv_case(layout, 4), 1e-12)
@@ -244,97 +295,8 @@ def ops_cases(world: int) -> dict[str, tuple[Callable, float]]:
     return cases
 
 
-# ---- model level: the trainer with parallel.sp = W ---------------------------------------
-
-MODEL_RUNS = {  # name: overrides
-    "linear-L": ["model.layer_pattern=L", "model.linear_variant=linear"],
-    "hybrid-LLLN": ["model.layer_pattern=LLLN", "model.linear_variant=linear"],
-    "gdn-LLLN": ["model.layer_pattern=LLLN", "model.linear_variant=gated_deltanet"],
-    # Recomputation in the backward issues the SP collectives again, in the same order.
-    "gla-LLLN-ckpt": ["model.layer_pattern=LLLN", "model.linear_variant=gla",
-                      "parallel.activation_checkpointing=full"],
-}
-MODEL_COMMON = ["model.preset=tiny", "model.dim=32", "model.ffn_dim=64", "model.n_heads=2",
-                "model.n_kv_heads=1", "model.n_layers=4", "training.seq_len=64",
-                "training.batch_size=2", "training.steps=10", "training.warmup_steps=3",
-                "training.lr=1e-3",
-                "training.dtype=fp32", "training.device=cpu", "data.max_files=20",
-                "checkpoint.enabled=false", "logging.progress=false"]
-
-
-def model_overrides(run: str, sp: int, layout: str, run_dir: str) -> list[str]:
-    extra = os.environ.get("LINSCALE_SP_TEST_OVERRIDES", "").split()
-    return [*MODEL_COMMON, *MODEL_RUNS[run], f"parallel.sp={sp}", f"parallel.layout={layout}",
-            f"logging.run_dir={run_dir}", f"logging.name={run}-{sp}-{layout}", *extra]
-
-
-def train_losses(overrides: list[str]) -> list[float]:
-    from launch.config import load_config
-    from launch.trainer import Trainer
-
-    return [h.loss for h in Trainer(load_config(None, overrides)).train()]
-
-
-def model_case(run: str, layout: str):
-    def run_fn(rank, world, group):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return {"losses": train_losses(model_overrides(run, world, layout, tmp))}
-
-    return run_fn
-
-
-def model_grad_case(pattern: str, variant: str, layout: str):
-    """One forward/backward of the whole model: loss and every parameter gradient vs the
-    single-device model (fp64, so any error above rounding is a bug, not optimizer noise)."""
-
-    def run(rank, world, group):
-        from models.llama import LinearLlama, ModelArgs
-        from parallel.sequence_parallel import apply_sequence_parallel
-
-        args = ModelArgs(dim=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=64,
-                         vocab_size=64, layer_pattern=pattern, linear_variant=variant,
-                         kernel_backend="reference")
-        torch.manual_seed(0)
-        model = LinearLlama(args).double()
-        gen = torch.Generator().manual_seed(1)
-        T = 16 * world
-        tokens = torch.randint(0, 64, (2, T), generator=gen)
-        labels = torch.randint(0, 64, (2, T), generator=gen)
-        loss_ref = model.loss(model(tokens), labels) / labels.numel()
-        grads_ref = torch.autograd.grad(loss_ref, list(model.parameters()))
-        apply_sequence_parallel(model, group=group, layout=layout)
-        kw = {"rank": rank, "world": world, "layout": layout}
-        pos = shard_position_ids(T, **kw)
-        loss = model.loss(model(shard_sequence(tokens, dim=1, **kw), position_ids=pos),
-                          shard_sequence(labels, dim=1, **kw)) / labels.numel()
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        total = loss.detach().clone()
-        dist.all_reduce(total, group=group)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        ref_flat = torch.cat([g.reshape(-1) for g in grads_ref])
-        per_param = [rel_err(a.view_as(b), b) for a, b in
-                     zip(flat.split([g.numel() for g in grads]), grads_ref) if b.abs().max() > 0]
-        return max(rel_err(total, loss_ref), rel_err(flat, ref_flat), *per_param)
-
-    return run
-
-
-def model_cases(world: int) -> dict[str, tuple[Callable, float]]:
-    cases = {f"model-grads-{pattern}-{variant}-{layout}":
-             # The model casts gates to fp32 whatever the input dtype: fp32 rounding there.
-             (model_grad_case(pattern, variant, layout), 1e-9 if variant == "linear" else 1e-5)
-             for pattern, variant in (("L", "linear"), ("LLLN", "gated_deltanet"),
-                                      ("LLLN", "gla"), ("LLLN", "simple_gla"))
-             for layout in LAYOUTS}
-    cases.update({f"model-{run}-{layout}": (model_case(run, layout), 0.0)
-                  for run in MODEL_RUNS for layout in LAYOUTS})
-    return cases
-
-
 SUITES: dict[str, Callable[[int], dict]] = {"ops": ops_cases, "model": model_cases}
+__all__ = ["MODEL_RUNS", "SUITES", "case_names", "make_inputs", "model_overrides", "train_losses"]
 
 
 def case_names(suite: str, world: int) -> list[str]:
@@ -350,12 +312,23 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     # What torchrun would set, for code (the trainer) that reads the environment.
-    os.environ.update({"RANK": str(args.rank), "WORLD_SIZE": str(args.world),
-                       "LOCAL_RANK": str(args.rank), "LOCAL_WORLD_SIZE": str(args.world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.port)})
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
-                            rank=args.rank, world_size=args.world,
-                            timeout=timedelta(seconds=120))
+    os.environ.update(
+        {
+            "RANK": str(args.rank),
+            "WORLD_SIZE": str(args.world),
+            "LOCAL_RANK": str(args.rank),
+            "LOCAL_WORLD_SIZE": str(args.world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(args.port),
+        }
+    )
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{args.port}",
+        rank=args.rank,
+        world_size=args.world,
+        timeout=timedelta(seconds=120),
+    )
     results = {}
     for name, (fn, tol) in SUITES[args.suite](args.world).items():
         t0 = time.perf_counter()
@@ -364,8 +337,11 @@ def main() -> None:
             if isinstance(err, dict):  # data for the test to judge
                 results[name] = {"ok": True, "err": 0.0, "msg": "", "data": err}
             else:
-                results[name] = {"ok": err <= tol, "err": err,
-                                 "msg": "" if err <= tol else f"error {err:.3g} > {tol:.1g}"}
+                results[name] = {
+                    "ok": err <= tol,
+                    "err": err,
+                    "msg": "" if err <= tol else f"error {err:.3g} > {tol:.1g}",
+                }
         except Exception:
             results[name] = {"ok": False, "err": float("inf"), "msg": traceback.format_exc()}
         results[name]["s"] = time.perf_counter() - t0

@@ -29,8 +29,16 @@ def test_sp_case(world: int, case: str) -> None:
 def test_world_one_is_the_op() -> None:
     """Without a process group (one rank) every LASP-2 op is the single-device op."""
     x = make_inputs("delta", 20, seed=0)
-    o = lasp2_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], group=None,
-                               layout="zigzag", op=naive.naive_gated_delta_rule)
+    o = lasp2_gated_delta_rule(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["g"],
+        x["beta"],
+        group=None,
+        layout="zigzag",
+        op=naive.naive_gated_delta_rule,
+    )
     ref = naive.naive_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])[0]
     torch.testing.assert_close(o, ref, rtol=0, atol=0)
     x = make_inputs("gla", 20, seed=0)
