@@ -288,7 +288,7 @@ def ops_cases(world: int) -> dict[str, tuple[Callable, float]]:
         cases[f"lasp2h-mha-{layout}"] = (lasp2h_case(layout, 2, 2), 1e-9)
         cases[f"conv-halo-w4-{layout}"] = (conv_case(layout, 4), 1e-12)
         cases[f"shard-{layout}"] = (shard_case(layout), 0.0)
-        for variant in ("scalar", "delta"):
+        for variant in FAMILIES:
             cases[f"count-{variant}-{layout}"] = (count_case(variant, layout), 0.0)
     for variant in ("linear", "scalar"):
         cases[f"lasp1-{variant}"] = (lasp1_case(variant), 1e-9)
