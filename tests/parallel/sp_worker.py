@@ -209,8 +209,24 @@ def shard_case(layout: str):
     return run
 
 
+class _Mark(torch.autograd.Function):
+    """Identity that logs when the op's output is produced and when its backward starts."""
+
+    @staticmethod
+    def forward(ctx, x, log):
+        ctx.log = log
+        log.append("op")
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.log.append("op-bwd")
+        return g, None
+
+
 def count_case(variant: str, layout: str):
-    """Exactly one collective (an all_gather) per layer in forward and one in backward."""
+    """Exactly one collective (an all_gather) per layer in forward and one in backward, and for
+    the decay variants the intra-slice op (and its backward) runs while the gather flies."""
     names = tuple(
         n
         for n in (
@@ -233,10 +249,16 @@ def count_case(variant: str, layout: str):
 
     def run(rank, world, group):
         calls: list[str] = []
+        order: list[str] = []
         saved = {n: getattr(dist, n) for n in names}
+        saved_wait = comm.Pending.wait
 
         def wrap(n):
-            return lambda *a, **k: (calls.append(n), saved[n](*a, **k))[1]
+            return lambda *a, **k: (calls.append(n), order.append("gather"), saved[n](*a, **k))[2]
+
+        def marked_op(*a, **k):
+            o, ht = ref_op(*a, **k)
+            return _Mark.apply(o, order), ht
 
         full = make_inputs(variant, T_LOCAL * world, seed=1)
         sp_op, ref_op, gates = FAMILIES[variant]
@@ -250,15 +272,21 @@ def count_case(variant: str, layout: str):
         try:
             for n in names:
                 setattr(dist, n, wrap(n))
-            o = sp_op(loc["q"], loc["k"], loc["v"], *args, group=group, layout=layout, op=ref_op)
-            fwd = list(calls)
+            comm.Pending.wait = lambda self: (order.append("wait"), saved_wait(self))[1]
+            o = sp_op(loc["q"], loc["k"], loc["v"], *args, group=group, layout=layout, op=marked_op)
+            fwd, fwd_order = list(calls), list(order)
             o.sum().backward()
-            bwd = calls[len(fwd) :]
+            bwd, bwd_order = calls[len(fwd) :], order[len(fwd_order) :]
         finally:
             for n in names:
                 setattr(dist, n, saved[n])
+            comm.Pending.wait = saved_wait
         if fwd != [comm.ALL_GATHER] or bwd != [comm.ALL_GATHER]:
             raise AssertionError(f"forward {fwd}, backward {bwd}")
+        if variant != "delta" and (
+            fwd_order != ["gather", "op", "wait"] or bwd_order != ["gather", "op-bwd", "wait"]
+        ):
+            raise AssertionError(f"no overlap: forward {fwd_order}, backward {bwd_order}")
         return 0.0
 
     return run
