@@ -8,8 +8,9 @@ probabilities are the globally normalised ones and the gradients are exact), com
 past blocks first, starts one reduce-scatter that returns the K/V gradients to their owners,
 and computes the diagonal blocks while it flies.
 
-Blocks run on the flash kernel (CUDA, fp16/bf16, via aten's forward/backward entry points that
-expose the LSE) or on an exact math path (CPU, fp32/fp64; materialises the scores, tests only).
+Blocks run on the flash kernel (default on CUDA for fp16/bf16, via aten's forward/backward
+entry points that expose the LSE; ``LINSCALE_LASP2H_BACKEND=flash`` also picks aten's CPU flash
+kernel) or on an exact math path (default elsewhere; materialises the scores, tests only).
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def attention_block_forward(q, k, v, *, causal: bool, scale: float):
     and what the backward of the flash kernel needs from its forward (None for math).
     """
     rep = q.shape[2] // k.shape[2]
+    if _backend(q) == "flash" and not q.is_cuda:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2),
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return o.transpose(1, 2), lse, None
     if _backend(q) == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2),
@@ -92,6 +103,20 @@ def attention_block_backward(do, q, k, v, o, lse, aux, *, causal: bool, scale: f
     """
     rep = q.shape[2] // k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if _backend(q) == "flash" and not q.is_cuda:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.to(q.dtype).transpose(1, 2),
+            q.transpose(1, 2),
+            _repeat_kv(k, rep).transpose(1, 2),
+            _repeat_kv(v, rep).transpose(1, 2),
+            o.to(q.dtype).transpose(1, 2),
+            lse.to(q.dtype if q.dtype == torch.float64 else torch.float32),
+            0.0,
+            causal,
+            scale=scale,
+        )
+        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
+        return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
     if _backend(q) == "flash":
         cum_q, cum_k, max_q, max_k, rng, unused = aux
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(

@@ -133,8 +133,15 @@ def lasp1_case(variant: str):
     return run
 
 
-def lasp2h_case(layout: str, hq: int, hkv: int):
+def lasp2h_case(layout: str, hq: int, hkv: int, backend: str = "math"):
     def run(rank, world, group):
+        os.environ["LINSCALE_LASP2H_BACKEND"] = backend
+        try:
+            return _lasp2h(rank, world, group)
+        finally:
+            del os.environ["LINSCALE_LASP2H_BACKEND"]
+
+    def _lasp2h(rank, world, group):
         gen = torch.Generator().manual_seed(5)
         T = 2 * 24 * world
         full = {
@@ -314,6 +321,8 @@ def ops_cases(world: int) -> dict[str, tuple[Callable, float]]:
         )
         cases[f"lasp2h-gqa-{layout}"] = (lasp2h_case(layout, 4, 2), 1e-9)
         cases[f"lasp2h-mha-{layout}"] = (lasp2h_case(layout, 2, 2), 1e-9)
+        # aten's flash kernel (CPU build): backward from the merged output and LSE.
+        cases[f"lasp2h-gqa-{layout}-flash"] = (lasp2h_case(layout, 4, 2, "flash"), 1e-9)
         cases[f"conv-halo-w4-{layout}"] = (conv_case(layout, 4), 1e-12)
         cases[f"shard-{layout}"] = (shard_case(layout), 0.0)
         for variant in FAMILIES:
