@@ -72,7 +72,9 @@ def apply_fsdp(model: nn.Module, dims, *, reshard_after_forward: bool | None = N
         reshard_after_forward = not dims.pp_enabled
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters (embedding, norm, head) gathered from forward to backward:
+    # the loss uses the head weight after the forward returns.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -186,14 +186,16 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
     tied = model.args.tie_embeddings and model.output is None
 
     extra = {"checkpoint_every": p.checkpoint_every} if hasattr(p, "checkpoint_every") else {}
-    parts: list[nn.Module] = []
-    for s in stage_ids:
-        part = build_stage_module(model, layer_split[s], is_first=s == 0,
-                                  is_last=s == num_stages - 1, ctx=ctx)
+    # All stages first (the last one may copy the embedding), then parallelise each.
+    parts: list[nn.Module] = [
+        build_stage_module(model, layer_split[s], is_first=s == 0,
+                           is_last=s == num_stages - 1, ctx=ctx)
+        for s in stage_ids
+    ]
+    for part in parts:
         parallelize_model(part, dims, layout=p.layout,
                           activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp,
                           **extra)
-        parts.append(part)
 
     tie = None
     if tied:
