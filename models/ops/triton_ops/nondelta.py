@@ -63,7 +63,7 @@ class _NonDelta(torch.autograd.Function):
             gf = bc
             a = torch.empty(TT, H, bt, **f32)
             gla.gla_intra_fwd_kernel[(G, H)](q, k, gf, a, grp.bos, grp.eos, H=H, K=K, BT=bt,
-                                             BC=16, BK=bkf, BKS=32, num_warps=4)
+                                             BC=16, BK=bkf, BKS=32, num_warps=4, num_stages=1)
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
         st = _launch_opts(q.dtype, bk * bv)
@@ -111,10 +111,9 @@ class _NonDelta(torch.autograd.Function):
             dki = torch.empty(TT, H, K, **f32)
             gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), G, H)](
                 q, k, v, gf, do, dqi, dki, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt,
-                BC=16, BKS=32, BV=bvf, num_warps=4)
-        gdt = torch.float32 if gate else q.dtype
-        dq = torch.empty(TT, H, K, device=q.device, dtype=gdt)
-        dk = torch.empty(TT, H, K, device=q.device, dtype=gdt)
+                BC=16, BKS=32, BV=bvf, num_warps=4, num_stages=1)
+        dq = torch.empty(TT, H, K, device=q.device, dtype=q.dtype)
+        dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
         dv = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
         hc = torch.empty(grp.n_chunks, H, K, V, device=q.device, dtype=q.dtype) if gate else q
         dg = q
@@ -138,8 +137,8 @@ class _NonDelta(torch.autograd.Function):
                 dg = dg.sum(0)
             g_shape, g_dtype = g_meta
             dgo = dg.view(g_shape).to(g_dtype)
-        dq = dq.view(B, T, H, K).to(q.dtype)
-        dk = dk.view(B, T, H, K).to(k.dtype)
+        dq = dq.view(B, T, H, K)
+        dk = dk.view(B, T, H, K)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None
 
