@@ -73,6 +73,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+class _LastStage(PipelineStage):
+    """The last stage: tells its module which microbatch's labels the forward is for."""
+
+    ctx: StepContext
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        self.ctx.microbatch = fwd_chunk_id
+        return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them.
 
@@ -84,7 +94,8 @@ class Pipeline:
 
     def __init__(self, *, model_parts: list[nn.Module], stages: list[PipelineStage], schedule,
                  ctx: StepContext, dims: ParallelDims, layer_split: list[list[str]],
-                 stage_ids: list[int], layout: str, tie: tuple | None) -> None:
+                 stage_ids: list[int], layout: str, tie: tuple | None,
+                 n_microbatches: int) -> None:
         self.model_parts = model_parts
         self.stages = stages
         self.schedule = schedule
@@ -94,6 +105,7 @@ class Pipeline:
         self.stage_ids = stage_ids
         self.layout = layout
         self.num_stages = len(layer_split)
+        self.n_microbatches = n_microbatches
         self.has_first = 0 in stage_ids
         self.has_last = self.num_stages - 1 in stage_ids
         # (embedding module or None, head copy module or None, group or None)
@@ -124,12 +136,14 @@ class Pipeline:
                                      world=self.dims.sp, layout=self.layout,
                                      device=global_tokens.device)
         inputs, labels = self._shard(inputs), self._shard(labels)
-        self.ctx.position_ids = pos
-        self.ctx.global_tokens = global_tokens
+        ctx = self.ctx
+        ctx.position_ids, ctx.global_tokens, ctx.microbatch = pos, global_tokens, 0
+        # The schedule splits the inputs the same way (tensor_split along the batch).
+        ctx.labels = labels.tensor_split(self.n_microbatches) if self.has_last else ()
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         target = labels if self.has_last else None
-        self.schedule.step(*args, target=target, losses=losses, labels=labels)
+        self.schedule.step(*args, target=target, losses=losses)
         if not self.has_last:
             return torch.zeros((), dtype=torch.float32, device=global_tokens.device)
         return torch.stack([loss.detach().float().sum() for loss in losses]).sum()
@@ -209,8 +223,12 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
         tie = (emb, head, group)
 
     pp_group = dims.group("pp")
-    stages = [PipelineStage(part, s, num_stages, device, group=pp_group)
-              for part, s in zip(parts, stage_ids)]
+    stages = []
+    for part, s in zip(parts, stage_ids):
+        stage_cls = _LastStage if s == num_stages - 1 else PipelineStage
+        stage = stage_cls(part, s, num_stages, device, group=pp_group)
+        stage.ctx = ctx
+        stages.append(stage)
     cls = get_schedule_class(p.pp_schedule)
     kwargs = {"n_microbatches": m, "loss_fn": _identity_loss}
     if "scale_grads" in inspect.signature(cls.__init__).parameters:
@@ -224,7 +242,8 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
         assert issubclass(cls, PipelineScheduleMulti), cls
         schedule = cls(stages, **kwargs)
     return Pipeline(model_parts=parts, stages=stages, schedule=schedule, ctx=ctx, dims=dims,
-                    layer_split=layer_split, stage_ids=stage_ids, layout=p.layout, tie=tie)
+                    layer_split=layer_split, stage_ids=stage_ids, layout=p.layout, tie=tie,
+                    n_microbatches=m)
 
 
 def _identity_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

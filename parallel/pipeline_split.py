@@ -158,39 +158,43 @@ def stage_to_rank(stage: int, pp: int, stages_per_rank: int, style: str) -> int:
 class StepContext:
     """What every stage of a rank needs for the current step besides its activations.
 
-    ``position_ids`` ``[T_local]`` (None: ``arange``), ``global_tokens`` the fp32 scalar the
-    loss sum is divided by, ``autocast_dtype`` the compute dtype (None: no autocast).
+    ``position_ids`` ``[T_local]`` (None: ``arange``); ``global_tokens`` the fp32 scalar the
+    loss sum is divided by; ``labels`` the step's label microbatches ``m x [b, T_local]`` and
+    ``microbatch`` the index the last stage is running (set by its ``PipelineStage``), so that
+    labels never travel as forward arguments (old pipelining versions skip the input gradient
+    of a stage when any forward input does not require grad); ``autocast_dtype`` the compute
+    dtype (None: no autocast).
     """
 
     device_type: str = "cpu"
     autocast_dtype: torch.dtype | None = None
     position_ids: torch.Tensor | None = None
     global_tokens: torch.Tensor | None = None
+    labels: tuple[torch.Tensor, ...] = ()
+    microbatch: int = 0
 
 
 class PipelineStageModel(LinearLlama):
     """A LinearLlama that holds only some of the layers (by their original names).
 
-    Made by :func:`build_stage_module`, never constructed directly. ``forward(x, labels=None)``
-    takes tokens ``[b, T]`` (first stage) or hidden ``[b, T, dim]``; it returns hidden
-    ``[b, T, dim]``, or on the last stage ``[1]``: this microbatch's summed loss divided by the
-    step's global token count, so the head is used only inside the module's forward (FSDP
-    unshards it there) and the logits never leave the stage.
+    Made by :func:`build_stage_module`, never constructed directly. ``forward(x)`` takes tokens
+    ``[b, T]`` (first stage) or hidden ``[b, T, dim]``; it returns hidden ``[b, T, dim]``, or on
+    the last stage ``[1]``: the current microbatch's summed loss divided by the step's global
+    token count, so the head is used only inside the module's forward (FSDP unshards it there)
+    and the logits never leave the stage.
     """
 
     ctx: StepContext
     computes_loss: bool
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None  # type: ignore[override]
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx = self.ctx
         with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype,
                             enabled=ctx.autocast_dtype is not None):
             h = super().forward(x, position_ids=ctx.position_ids)
             if not self.computes_loss:
                 return h
-            if labels is None:
-                raise RuntimeError("the last pipeline stage needs labels")
+            labels = ctx.labels[ctx.microbatch]
             return (self.loss(h, labels) / ctx.global_tokens).reshape(1)
 
 

@@ -64,8 +64,8 @@ def test_stage_modules_share_layers_and_copy_tied_head():
     assert names == {n for n, _ in model.named_parameters()} | {"output.weight"}
     tokens = torch.randint(0, 256, (2, 16))
     labels = torch.randint(0, 256, (2, 16))
-    ctx.global_tokens = torch.tensor(32.0)
-    loss = last(first(tokens), labels)
+    ctx.global_tokens, ctx.labels = torch.tensor(32.0), (labels,)
+    loss = last(first(tokens))
     expected = model.loss(model(tokens), labels) / 32
     torch.testing.assert_close(loss, expected.reshape(1))
 
