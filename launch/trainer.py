@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ from launch.metrics import (
 )
 from models.llama import LinearLlama
 from parallel.data_parallel import allreduce_gradients, clip_grad_norm_
+from parallel.ddp import apply_ddp
 from parallel.parallelize import parallelize_model
 
 __all__ = ["StepResult", "Trainer", "build_optimizer", "lr_lambda"]
@@ -121,6 +123,7 @@ class Trainer:
             model = LinearLlama(self.model_args)
         self.num_params = sum(q.numel() for q in model.parameters())
         self.pipeline = None
+        self._ddp = None
         if self.dims.pp_enabled:
             from parallel.pipeline import build_pipeline
 
@@ -138,6 +141,9 @@ class Trainer:
                 fsdp=p.fsdp,
             )
             self.model_parts = [model]
+            if self.dims.world_size > 1 and not p.fsdp and self.dims.dp * self.dims.sp > 1:
+                # Sum the replicas' gradients during the backward (bucketed, overlapped).
+                self._ddp = apply_ddp(model, self.dims.group("dp_sp"))
         self.params = [q for m in self.model_parts for q in m.parameters()]
         self.optimizer = build_optimizer(self.params, cfg, fused=self.device_type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -220,18 +226,29 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ steps
-    def forward_backward_step(self, batch: Batch, global_tokens: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its loss sum / global tokens."""
+    def forward_backward_step(
+        self, batch: Batch, global_tokens: torch.Tensor, *, sync_grads: bool = True
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its loss sum / global tokens.
+
+        ``sync_grads=False`` (all but the last micro-batch of a step) skips the overlapped
+        gradient sum; the last one reduces what all of them accumulated.
+        """
         if self.pipeline is not None:
             return self.pipeline.step(batch, global_tokens)
         model = self.model_parts[0]
         inputs, labels, pos = self._shard(batch)
-        with torch.autocast(
-            self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        ):
-            hidden = model(inputs, position_ids=pos)
-            loss = model.loss(hidden, labels) / global_tokens
-        loss.backward()
+        fwd = self._ddp if self._ddp is not None else model
+        no_sync = self._ddp.no_sync() if self._ddp is not None and not sync_grads else nullcontext()
+        with no_sync:
+            with torch.autocast(
+                self.device_type,
+                dtype=self.autocast_dtype,
+                enabled=self.autocast_dtype is not None,
+            ):
+                hidden = fwd(inputs, position_ids=pos)
+                loss = model.loss(hidden, labels) / global_tokens
+            loss.backward()
         return loss.detach()
 
     def train_step(self) -> StepResult:
@@ -242,11 +259,11 @@ class Trainer:
         global_tokens = self._all_reduce(torch.tensor(float(local), device=self.device), "dp")
         global_tokens = global_tokens.clamp(min=1.0)
         loss = torch.zeros((), device=self.device)
-        for b in micro:
-            loss += self.forward_backward_step(b, global_tokens)
+        for i, b in enumerate(micro):
+            loss += self.forward_backward_step(b, global_tokens, sync_grads=i == len(micro) - 1)
         if self.pipeline is not None:  # tied embedding: first and last stage hold a copy each
             self.pipeline.sync_tied_gradients()
-        if not self.cfg.parallel.fsdp:
+        if not self.cfg.parallel.fsdp and self._ddp is None:
             allreduce_gradients(self.params, self._group("dp_sp"))
         norm = clip_grad_norm_(
             self.params, t.grad_clip, pp_group=self._group("pp") if self.dims.pp_enabled else None

@@ -141,3 +141,30 @@ def test_finished_run_is_left_alone(tmp_path):
     again = make(tmp_path, "training.steps=2", name="done")
     assert again.step == 2 and again.train() == []
     assert ck.stat().st_mtime_ns == stamp
+
+
+def _dp_accum_worker(rank, world, run_dir):
+    cfg = load_config(
+        None,
+        [
+            *FAST,
+            "training.steps=3",
+            "training.grad_accum=2",
+            "checkpoint.enabled=false",
+            f"logging.run_dir={run_dir}",
+            "logging.name=dpacc",
+        ],
+    )
+    tr = Trainer(cfg)
+    assert tr._ddp is not None  # the overlapped gradient sum is in use
+    return [h.loss for h in tr.train()]
+
+
+@pytest.mark.timeout(300)
+def test_two_process_grad_accum_matches_single_process(tmp_path):
+    ref = [
+        h.loss
+        for h in make(tmp_path, "training.steps=3", "checkpoint.enabled=false", name="one").train()
+    ]
+    for losses in run_ranks(_dp_accum_worker, 2, str(tmp_path)):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-6)

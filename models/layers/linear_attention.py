@@ -135,13 +135,15 @@ class LinearAttention(nn.Module):
         """x ``[B, T, dim]`` -> ``[B, T, dim]``."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        # Gates and normalisation in fp32 (fp64 when the model runs in fp64, for exact tests).
+        gd = torch.promote_types(x.dtype, torch.float32)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.variant == "gated_deltanet":
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
         if self.variant == "gated_deltanet":
-            q = F.normalize(q.float(), dim=-1).to(v.dtype)
-            k = F.normalize(k.float(), dim=-1).to(v.dtype)
+            q = F.normalize(q.to(gd), dim=-1).to(v.dtype)
+            k = F.normalize(k.to(gd), dim=-1).to(v.dtype)
         elif self.variant in ("linear", "lightning", "retention"):
             # A positive feature map keeps the un-normalised state well conditioned.
             q, k = F.silu(q), F.silu(k)
@@ -149,16 +151,16 @@ class LinearAttention(nn.Module):
             if self.variant == "linear":
                 g = None
             elif self.variant == "simple_gla":
-                g = F.logsigmoid(self.g_proj(x).float()) / _GATE_NORMALIZER
+                g = F.logsigmoid(self.g_proj(x).to(gd)) / _GATE_NORMALIZER
             else:
-                g = self.log_decay.view(1, 1, H).expand(B, T, H)
+                g = self.log_decay.to(gd).view(1, 1, H).expand(B, T, H)
             o = self.attn_op(q, k, v, g, scale=D**-0.5)
         elif self.op_family == "gla":
-            gk = F.logsigmoid(self.gk_proj(x).float()).view(B, T, H, D) / _GATE_NORMALIZER
+            gk = F.logsigmoid(self.gk_proj(x).to(gd)).view(B, T, H, D) / _GATE_NORMALIZER
             o = self.attn_op(q, k, v, gk, scale=D**-0.5)
         else:
-            beta = torch.sigmoid(self.b_proj(x).float())
-            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+            beta = torch.sigmoid(self.b_proj(x).to(gd))
+            g = -self.A_log.to(gd).exp() * F.softplus(self.a_proj(x).to(gd) + self.dt_bias)
             o = self.attn_op(q, k, v, g, beta, scale=D**-0.5)
         o = self.o_norm(o)
         if self.variant in ("gla", "gated_deltanet"):
