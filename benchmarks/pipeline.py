@@ -4,6 +4,7 @@ DP, through the real trainer (config alone), on one host.
     torchrun --nproc_per_node=4 benchmarks/pipeline.py --out benchmarks/results/pipeline.json
     torchrun --nproc_per_node=4 benchmarks/pipeline.py --quick         # smoke test, 8K tokens
     python benchmarks/pipeline.py --table benchmarks/results/pipeline.json   # README table
+    python benchmarks/pipeline.py --merge a.json b.json --out benchmarks/results/pipeline.json
 
 Per configuration (``linear-llama3-1b``, 32K tokens per sequence, bf16 autocast, full per-block
 checkpointing, m = 8 microbatches of one sequence per pipeline, stages split by cost): step time,
@@ -255,6 +256,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (plumbing check only)")
     ap.add_argument("--set", action="append", default=[], help="extra config override a.b=v")
     ap.add_argument("--table", default=None, help="print the README table of a JSON and exit")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="join the rows of several JSONs (split runs) into --out and exit")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len = min(args.seq_len, 8192)
@@ -268,6 +271,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.table:
         print(markdown_table(args.table))
+        return
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        meta = dict(parts[0]["meta"], command=" ; ".join(p["meta"]["command"] for p in parts))
+        out = Path(args.out or "benchmarks/results/pipeline.json")
+        out.write_text(json.dumps({"meta": meta, "headline": headline(rows), "rows": rows},
+                                  indent=1))
+        print(f"wrote {out}")
         return
     if not args.cpu:
         for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
