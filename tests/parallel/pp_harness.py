@@ -18,7 +18,7 @@ from launch.config import load_config
 from launch.trainer import Trainer
 from tests.dist_harness import run_ranks
 
-__all__ = ["BASE", "check", "reference", "run_case", "worker"]
+__all__ = ["BASE", "check", "config", "reference", "run_case", "worker"]
 
 BASE = ["model.preset=tiny", "model.dim=64", "model.ffn_dim=128", "model.n_heads=2",
         "training.steps=5", "training.batch_size=8", "training.seq_len=32",
@@ -28,7 +28,8 @@ BASE = ["model.preset=tiny", "model.dim=64", "model.ffn_dim=128", "model.n_heads
 WORLD = 4
 
 
-def _config(run_dir, name: str, extra: list[str]):
+def config(run_dir, name: str, extra: list[str]):
+    """The harness's base config under ``run_dir/name`` with ``extra`` overrides."""
     return load_config(None, [*BASE, f"logging.run_dir={run_dir}", f"logging.name={name}",
                               *extra])
 
@@ -54,7 +55,7 @@ def _full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
 def worker(rank: int, world: int, run_dir: str, extra: list[str]) -> dict:
     """One rank: train from config, return losses, norms, parameters and the stage split."""
     del world
-    trainer = Trainer(_config(run_dir, f"w{rank}", extra))
+    trainer = Trainer(config(run_dir, f"w{rank}", extra))
     hist = trainer.train()
     return {"losses": [h.loss for h in hist], "norms": [h.grad_norm for h in hist],
             "params": _full_params(trainer),
@@ -64,7 +65,7 @@ def worker(rank: int, world: int, run_dir: str, extra: list[str]) -> dict:
 @functools.lru_cache(maxsize=4)
 def reference(run_dir: str, model_extra: tuple[str, ...]):
     """Single-process ``(losses, norms, params)`` (cached per model shape)."""
-    trainer = Trainer(_config(run_dir, "ref", list(model_extra)))
+    trainer = Trainer(config(run_dir, "ref", list(model_extra)))
     hist = trainer.train()
     return [h.loss for h in hist], [h.grad_norm for h in hist], _full_params(trainer)
 

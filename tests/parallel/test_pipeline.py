@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.parallel.pp_harness import run_case
+from launch.trainer import Trainer
+from tests.dist_harness import run_ranks
+from tests.parallel.pp_harness import config, run_case
 
 PP2 = ["parallel.pp=2"]
 CASES = {  # id: (parallel overrides, model overrides)
@@ -44,3 +46,26 @@ def test_pipeline_matches_single_process(case, tmp_path_factory):
     results = run_case(parallel, model, tmp_path_factory)
     if case in SPLITS:
         assert results[0]["split"] == SPLITS[case]
+
+
+def _resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
+    straight = Trainer(config(run_dir, "straight", [*extra, "training.steps=4"])).train()
+    cut = [*extra, "training.steps=4", "checkpoint.enabled=true", "checkpoint.interval=2"]
+    Trainer(config(run_dir, "cut", cut)).train(stop_at=2)
+    resumed = Trainer(config(run_dir, "cut", cut))
+    assert resumed.step == 2
+    return [h.loss for h in straight], [h.loss for h in resumed.train()]
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "dist/checkpoint.py saves optimizer param_groups unflattened: DCP keeps one rank's copy, "
+    "whose parameter names the other pipeline ranks do not hold (KeyError 'betas' after load); "
+    "passes with StateDictOptions(flatten_optimizer_state_dict=True) in save and load"))
+@pytest.mark.timeout(180)
+def test_pipeline_checkpoint_resume_is_exact(tmp_path):
+    """ZB-V (stage 0 and the last stage with its tied-head copy on rank 0) x dp2: a run cut at
+    step 2 and resumed from its DCP checkpoint continues with the same losses."""
+    extra = [*PP2, "parallel.dp=2", "parallel.pp_schedule=ZBVZeroBubble",
+             "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
+    for straight, resumed in run_ranks(_resume_worker, 4, str(tmp_path), extra):
+        assert resumed == straight[2:]
