@@ -16,8 +16,8 @@ from tests.parallel.pp_harness import config, run_case
 
 PP2 = ["parallel.pp=2"]
 CASES = {  # id: (parallel overrides, model overrides)
-    "pp2xdp2-1F1B": ([*PP2, "parallel.dp=2", "parallel.pp_schedule=1F1B",
-                      "parallel.pp_microbatches=2"], []),
+    "pp2xdp2-1F1B-accum2": ([*PP2, "parallel.dp=2", "parallel.pp_schedule=1F1B",
+                             "parallel.pp_microbatches=2", "training.grad_accum=2"], []),
     "pp2xsp2-GPipe": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=GPipe",
                        "parallel.pp_microbatches=4"], []),
     "pp2xsp2-1F1B-fsdp": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=1F1B",
@@ -35,7 +35,7 @@ CASES = {  # id: (parallel overrides, model overrides)
 }
 SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage)
     "pp4-Interleaved1F1B": [[str(i)] for i in range(8)],
-    "pp2xdp2-1F1B": [["0", "1"], ["2", "3"]],
+    "pp2xdp2-1F1B-accum2": [["0", "1"], ["2", "3"]],
 }
 
 
