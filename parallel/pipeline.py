@@ -37,6 +37,7 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
+from dist.logging import get_logger
 from dist.parallel_dims import ParallelDims
 from models.llama import LinearLlama
 from parallel.data_parallel import exclude_from_grad_norm
@@ -51,13 +52,14 @@ from parallel.pipeline_split import (
 
 __all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "placement_style"]
 
-# name -> (stages per rank it needs: 1 or ">=2" / "2", placement)
+# Schedule name (torch.distributed.pipelining's) -> stage placement. How many stages per rank
+# each needs is checked with the config (launch.config._validate_pipeline).
 SCHEDULES = {
-    "GPipe": ("1", "loop"),
-    "1F1B": ("1", "loop"),
-    "Interleaved1F1B": (">=2", "loop"),
-    "InterleavedZeroBubble": (">=2", "loop"),
-    "ZBVZeroBubble": ("2", "v"),
+    "GPipe": "loop",
+    "1F1B": "loop",
+    "Interleaved1F1B": "loop",
+    "InterleavedZeroBubble": "loop",
+    "ZBVZeroBubble": "v",
 }
 
 
@@ -66,7 +68,7 @@ def placement_style(schedule: str) -> str:
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule must be one of {list(SCHEDULES)}, "
                          f"got {schedule!r}")
-    return SCHEDULES[schedule][1]
+    return SCHEDULES[schedule]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +243,9 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
     else:
         assert issubclass(cls, PipelineScheduleMulti), cls
         schedule = cls(stages, **kwargs)
+    get_logger().info(
+        "pipeline %s: %d stages (%d per rank, %s placement), %d microbatches, layers per stage %s",
+        p.pp_schedule, num_stages, per_rank, style, m, [len(names) for names in layer_split])
     return Pipeline(model_parts=parts, stages=stages, schedule=schedule, ctx=ctx, dims=dims,
                     layer_split=layer_split, stage_ids=stage_ids, layout=p.layout, tie=tie,
                     n_microbatches=m)
