@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="all", help="all, or e.g. 8192,131072")
     ap.add_argument("--sweep-group-tokens", default="",
                     help="e.g. 1024,4096: extra rows of ours at T=128K with these group sizes")
+    ap.add_argument("--env-variants", default="",
+                    help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (scalar "
+                         "and gla at the first shape) under that environment setting")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [
         s for s in SHAPES if str(s[1]) in args.shapes.split(",")]
@@ -149,6 +152,19 @@ def main() -> None:
             r["op"] = f"{op}@gt{gt}"
             record(r)
         os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS")
+    for var in filter(None, args.env_variants.split(";")):
+        tag, setting = var.split(":", 1)
+        name, val = setting.split("=", 1)
+        os.environ[name] = val
+        for op in ("scalar", "gla"):
+            B, T = shapes[0]
+            try:
+                r = bench(op, B, T)
+            except Exception as exc:  # noqa: BLE001
+                r = {"op": op, "B": B, "T": T, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            r["op"] = f"{op}@{tag}"
+            record(r)
+        os.environ.pop(name)
     ops_list = args.ops.split(",")
     # ours first, theirs last: fla's autotuning takes minutes on a fresh machine
     order = [o for o in ops_list if not o.startswith("fla")] + [

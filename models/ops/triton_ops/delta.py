@@ -17,9 +17,14 @@ from models.ops import reference as ref
 from models.ops.triton_ops import delta_kernels as kern
 from models.ops.triton_ops.common import check_inputs
 
-__all__ = ["chunk_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "unit_lower_inverse"]
 
-_BV = 32
+def _bv(S: int, V: int, device: torch.device) -> int:
+    # The scan is sequential over chunks: with few sequences, narrower V tiles give more programs.
+    sms = 4
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return 32 if S * triton.cdiv(V, 32) >= 2 * sms else 16
 
 
 def _bk(K: int) -> int:
@@ -35,9 +40,10 @@ class _DeltaScan(torch.autograd.Function):
         K = w.shape[-1]
         o = torch.empty_like(u)
         ht = u.new_empty(S, K, V)
-        grid = (triton.cdiv(V, _BV), S)
+        bv = _bv(S, V, u.device)
+        grid = (triton.cdiv(V, bv), S)
         kern.delta_scan_fwd_kernel[grid](
-            u, w, qg, p, kd, gam, h0, o, ht, u, u, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
+            u, w, qg, p, kd, gam, h0, o, ht, u, u, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
             HAS_H0=True, STORE_O=True, STORE_FINAL=True, STORE_STATES=False,
             num_warps=4 if K <= 128 else 8, num_stages=1)
         ctx.save_for_backward(u, w, qg, p, kd, gam, h0)
@@ -49,11 +55,12 @@ class _DeltaScan(torch.autograd.Function):
         S, NC, C, V = u.shape
         K = w.shape[-1]
         nw = 4 if K <= 128 else 8
-        grid = (triton.cdiv(V, _BV), S)
+        bv = _bv(S, V, u.device)
+        grid = (triton.cdiv(V, bv), S)
         hc = u.new_empty(S, NC, K, V)
         delta = torch.empty_like(u)
         kern.delta_scan_fwd_kernel[grid](
-            u, w, qg, p, kd, gam, h0, u, u, hc, delta, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
+            u, w, qg, p, kd, gam, h0, u, u, hc, delta, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
             HAS_H0=True, STORE_O=False, STORE_FINAL=False, STORE_STATES=True, num_warps=nw,
             num_stages=1)
         do = do.contiguous().float() if do is not None else torch.zeros_like(u)
@@ -62,7 +69,7 @@ class _DeltaScan(torch.autograd.Function):
         dh0 = torch.empty_like(h0)
         dhtc = dht.contiguous().float() if dht is not None else h0
         kern.delta_scan_bwd_kernel[grid](
-            w, qg, p, kd, gam, do, dhtc, dd, dhc, dh0, NC, C=C, K=K, V=V, BK=_bk(K), BV=_BV,
+            w, qg, p, kd, gam, do, dhtc, dd, dhc, dh0, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
             HAS_DHT=dht is not None, num_warps=nw, num_stages=1)
         hct = hc.transpose(-1, -2)
         dqg = do @ hct
@@ -71,6 +78,36 @@ class _DeltaScan(torch.autograd.Function):
         dgam = (hc * dhc).sum((-1, -2))
         dw = -(dd @ hct)
         return dd, dw, dqg, dp, dkd, dgam, dh0
+
+
+def unit_lower_inverse(lmat: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """``(I + L)^-1`` for strictly lower-triangular ``L`` ``[..., C, C]`` (C a multiple of 16).
+
+    Batched triangular solves are slow on the GPU for many small systems, so: forward
+    substitution row by row inside each 16-block (as stable as a triangular solve, 16 steps),
+    then the blocks below the diagonal from ``T_IJ = -T_II sum_{J<=M<I} L_IM T_MJ`` (small
+    batched matmuls). Plain torch ops, so autograd differentiates it.
+    """
+    C = lmat.shape[-1]
+    nb = C // block
+    lb = lmat.unflatten(-2, (nb, block)).unflatten(-1, (nb, block))  # [..., I, i, J, j]
+    diag = torch.stack([lb[..., i, :, i, :] for i in range(nb)], -3)  # [..., nb, b, b]
+    eye = torch.eye(block, dtype=lmat.dtype, device=lmat.device)
+    rows = [eye[0].expand(diag.shape[:-2] + (block,))]
+    for i in range(1, block):
+        prev = torch.stack(rows, -2)  # [..., nb, i, b]
+        rows.append(eye[i] - (diag[..., i : i + 1, :i] @ prev).squeeze(-2))
+    tdiag = torch.stack(rows, -2)  # [..., nb, b, b]
+    t = [[None] * nb for _ in range(nb)]
+    for i in range(nb):
+        t[i][i] = tdiag[..., i, :, :]
+    for i in range(1, nb):
+        for j in range(i - 1, -1, -1):
+            acc = sum(lb[..., i, :, m, :] @ t[m][j] for m in range(j, i))
+            t[i][j] = -(t[i][i] @ acc)
+    zero = torch.zeros_like(t[0][0])
+    return torch.cat([torch.cat([t[i][j] if j <= i else zero for j in range(nb)], -1)
+                      for i in range(nb)], -2)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -101,10 +138,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     mask = ref._causal(C, q.device)
     dmat = ref._masked_exp(b[..., :, None] - b[..., None, :], mask)
     lmat = ((kc @ kc.transpose(-1, -2)) * dmat * bc[..., None]).tril(-1)
-    eye = torch.eye(C, dtype=cd, device=q.device)
     rhs = torch.cat([bc[..., None] * vc, (bc * gam)[..., None] * kc], -1)
-    sol = torch.linalg.solve_triangular(eye + lmat, rhs, upper=False, unitriangular=True)
-    u, w = sol.split([V, K], -1)
+    u, w = (unit_lower_inverse(lmat) @ rhs).split([V, K], -1)
     p = (qc @ kc.transpose(-1, -2)) * dmat * scale
     qg = qc * (gam * scale)[..., None]
     bl = b[..., -1:]

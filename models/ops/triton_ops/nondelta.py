@@ -10,6 +10,8 @@ adjoint): a whole-sequence reverse sum would let rounding grow with T.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -56,14 +58,19 @@ class _NonDelta(torch.autograd.Function):
         gf = g.contiguous().view(TT, H, *g.shape[3:]) if g is not None else q
         f32 = dict(device=q.device, dtype=torch.float32)
         a = q
+        cgrp = None
         if gate == 2:
+            # The intra-chunk kernels need no state: one program per chunk (and head).
+            cgrp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H,
+                               device=q.device, group_tokens=bt)
             bc = torch.empty(TT, H, K, **f32)
-            gla.chunk_cumsum_kernel[(nk, G, H)](gf, bc, grp.bos, grp.eos, H=H, K=K, BT=bt,
-                                                BK=bk)
+            gla.chunk_cumsum_kernel[(nk, cgrp.n_groups, H)](gf, bc, cgrp.bos, cgrp.eos, H=H, K=K,
+                                                            BT=bt, BK=bk)
             gf = bc
             a = torch.empty(TT, H, bt, **f32)
-            gla.gla_intra_fwd_kernel[(G, H)](q, k, gf, a, grp.bos, grp.eos, H=H, K=K, BT=bt,
-                                             BC=16, BK=bkf, BKS=32, num_warps=4, num_stages=1)
+            gla.gla_intra_fwd_kernel[(cgrp.n_groups, H)](
+                q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf, BKS=32,
+                num_warps=4, num_stages=1)
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
         st = _launch_opts(q.dtype, bk * bv)
@@ -81,13 +88,14 @@ class _NonDelta(torch.autograd.Function):
             q, k, v, gf, a, hs, o, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bkf,
             BV=bv, GATE=gate, **_launch_opts(q.dtype, bkf * bv, bt * bkf))
         ctx.save_for_backward(q, k, v, gf, h0, a, hs, dl)
-        ctx.meta = (B, T, H, K, V, scale, gate, grp, None if g is None else (g.shape, g.dtype))
+        ctx.meta = (B, T, H, K, V, scale, gate, grp, cgrp,
+                    None if g is None else (g.shape, g.dtype))
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gf, h0, a, hs, dl = ctx.saved_tensors
-        B, T, H, K, V, scale, gate, grp, g_meta = ctx.meta
+        B, T, H, K, V, scale, gate, grp, cgrp, g_meta = ctx.meta
         TT = B * T
         bt = _BT
         bkf, bvf, bk, bv = _config(K, V)
@@ -109,8 +117,8 @@ class _NonDelta(torch.autograd.Function):
         if gate == 2:
             dqi = torch.empty(TT, H, K, **f32)
             dki = torch.empty(TT, H, K, **f32)
-            gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), G, H)](
-                q, k, v, gf, do, dqi, dki, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt,
+            gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), cgrp.n_groups, H)](
+                q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V, BT=bt,
                 BC=16, BKS=32, BV=bvf, num_warps=4, num_stages=1)
         dq = torch.empty(TT, H, K, device=q.device, dtype=q.dtype)
         dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
@@ -122,6 +130,8 @@ class _NonDelta(torch.autograd.Function):
         elif gate == 1:
             dg = torch.empty(nk, TT, H, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
+        if gate:  # the gate-gradient epilogue keeps a second [BK, V] fp32 tile live
+            opts["num_warps"] = int(os.environ.get("LINSCALE_KERNEL_GATED_BWD_WARPS", "8"))
         kern.bwd_dq_kernel[(nk, G, H)](
             k, v, gf, do, dqi, hs, dq, hc, grp.bos, grp.eos, grp.c0, scale, H=H, K=K, V=V,
             BT=bt, BK=bk, BV=bvf, GATE=gate, **opts)

@@ -189,7 +189,8 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
             if GATE == 1:
                 d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
                 a = tl.dot(q, tl.trans(k)) * d
-                o = tl.dot((q * tl.exp(b)[:, None]).to(dt), h.to(dt))
+                # a scalar gate scales whole rows: apply it to the product, not to q
+                o = tl.dot(q, h.to(dt)) * tl.exp(b)[:, None]
                 kg = (k * tl.exp(bl - b)[:, None]).to(dt)
                 h = h * tl.exp(bl)
             else:
