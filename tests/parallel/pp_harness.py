@@ -110,9 +110,11 @@ def check(results: list[dict], ref, *, tied: bool = True) -> None:
     assert seen == set(ref_params), f"parameters held by no rank: {set(ref_params) - seen}"
 
 
-def run_case(extra: list[str], model_extra: list[str], tmp_factory) -> list[dict]:
-    """Train ``extra + model_extra`` on 4 ranks, check against the reference, return results."""
+def run_case(extra: list[str], model_extra: list[str], tmp_factory, *, world: int = WORLD
+             ) -> list[dict]:
+    """Train ``extra + model_extra`` on ``world`` ranks, check against the reference, return
+    the per-rank results."""
     ref = reference(str(tmp_factory.getbasetemp() / "reference"), tuple(model_extra))
-    results = run_ranks(worker, WORLD, str(tmp_factory.mktemp("run")), [*extra, *model_extra])
+    results = run_ranks(worker, world, str(tmp_factory.mktemp("run")), [*extra, *model_extra])
     check(results, ref)
     return results
