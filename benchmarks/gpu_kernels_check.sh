@@ -14,5 +14,5 @@ if [[ $what == all || $what == bench ]]; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/kernels.py --out "$OUT/kernels_h100.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $what == all || $what == test ]]; then
-  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -s -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/test_gpu.log" | grep -v "^$" | tail -40
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -q -s -p no:cacheprovider -k "${TEST_K:-}" 2>&1 | tee "$OUT/test_gpu.log" | grep -v "^$" | tail -40
 fi

@@ -126,8 +126,8 @@ def main() -> None:
     ap.add_argument("--sweep-group-tokens", default="",
                     help="e.g. 1024,4096: extra rows of ours at T=128K with these group sizes")
     ap.add_argument("--env-variants", default="",
-                    help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (scalar "
-                         "and gla at the first shape) under that environment setting")
+                    help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (linear, "
+                         "scalar and gla at the first shape) under that environment setting")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [
         s for s in SHAPES if str(s[1]) in args.shapes.split(",")]
@@ -156,7 +156,7 @@ def main() -> None:
         tag, setting = var.split(":", 1)
         name, val = setting.split("=", 1)
         os.environ[name] = val
-        for op in ("scalar", "gla"):
+        for op in ("linear", "scalar", "gla"):
             B, T = shapes[0]
             try:
                 r = bench(op, B, T)

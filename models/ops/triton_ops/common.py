@@ -8,10 +8,15 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["Groups", "make_groups", "seq_reverse_cumsum", "check_inputs", "num_sms"]
+__all__ = ["Groups", "make_groups", "check_inputs", "num_sms"]
 
-# Aim for this many programs in the per-group kernels, so that one long sequence fills the GPU.
-_TARGET_PROGRAMS = int(os.environ.get("LINSCALE_KERNEL_TARGET_PROGRAMS", "1024"))
+
+
+def _target_programs() -> int:
+    """How many programs the per-group kernels aim for, so that one long sequence fills the GPU
+    (env ``LINSCALE_KERNEL_TARGET_PROGRAMS``; ``LINSCALE_KERNEL_GROUP_TOKENS`` fixes the group
+    size instead)."""
+    return int(os.environ.get("LINSCALE_KERNEL_TARGET_PROGRAMS", "1024"))
 
 
 def num_sms(device: torch.device) -> int:
@@ -46,7 +51,7 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
                 group_tokens: int | None = None) -> Groups:
     """Cut every sequence into groups of ``group_tokens`` (a multiple of ``chunk``).
 
-    The default size gives about ``_TARGET_PROGRAMS`` programs when each group runs
+    The default size gives about ``_target_programs()`` programs when each group runs
     ``programs_per_group`` programs (heads x state tiles).
     """
     if cu_seqlens is None:
@@ -60,7 +65,7 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
         if env:
             group_tokens = int(env)
         else:
-            want = max(1, -(-_TARGET_PROGRAMS // max(1, n_seq * programs_per_group)))
+            want = max(1, -(-_target_programs() // max(1, n_seq * programs_per_group)))
             group_tokens = max(4 * chunk, -(-avg // want))
     group_tokens = max(chunk, -(-group_tokens // chunk) * chunk)
     if cu_seqlens is None:
@@ -95,19 +100,6 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
     return Groups(bos.to(i32).contiguous(), eos.to(i32).contiguous(), seq_g0.to(i32).contiguous(),
                   cu, n_seq, int(bos.numel()), group_tokens, varlen, c0.to(i32).contiguous(),
                   max(1, n_chunks))
-
-
-def seq_reverse_cumsum(x: torch.Tensor, groups: Groups, B: int, T: int) -> torch.Tensor:
-    """``y_t = sum_{s >= t, s in t's sequence} x_s`` along dim 0 of ``x`` ``[TT, ...]`` (fp32)."""
-    if not groups.varlen:
-        y = x.view(B, T, *x.shape[1:]).flip(1).cumsum(1).flip(1)
-        return y.reshape(x.shape)
-    # Whole-stream suffix sums in fp64, minus the suffix sum at each token's sequence end.
-    c = x.double().flip(0).cumsum(0).flip(0)
-    c = torch.cat([c, c.new_zeros((1, *c.shape[1:]))], 0)
-    lens = groups.cu[1:] - groups.cu[:-1]
-    ends = torch.repeat_interleave(groups.cu[1:], lens, output_size=x.shape[0])
-    return (c[:-1] - c[ends]).to(x.dtype)
 
 
 def check_inputs(q, k, v, initial_state, cu_seqlens):

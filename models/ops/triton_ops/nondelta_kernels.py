@@ -344,7 +344,7 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 at = tl.dot(k, tl.trans(q)) * d
-                kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+                kg = k  # its decay to the chunk end scales whole rows of dv: applied below
                 qg = (q * tl.exp(b)[:, None]).to(dt)
             else:
                 at = tl.trans(tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
@@ -353,7 +353,10 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
                 qg = (q * tl.exp(b)).to(dt)
         # dh is the adjoint of the state at this chunk's end: use it, then carry it back.
-        dv = scale * tl.dot(at.to(dt), do) + tl.dot(kg, dh.to(dt))
+        kdh = tl.dot(kg, dh.to(dt))
+        if GATE == 1:
+            kdh = kdh * tl.exp(bl - b)[:, None]
+        dv = scale * tl.dot(at.to(dt), do) + kdh
         if GATE == 1:
             dh = dh * tl.exp(bl)
         elif GATE == 2:
