@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--env-variants", default="",
                     help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (linear, "
                          "scalar and gla at the first shape) under that environment setting")
+    ap.add_argument("--profile", default=None,
+                    help="write a per-kernel CUDA-time breakdown of ours at the first shape here")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [
         s for s in SHAPES if str(s[1]) in args.shapes.split(",")]
@@ -165,6 +167,9 @@ def main() -> None:
             r["op"] = f"{op}@{tag}"
             record(r)
         os.environ.pop(name)
+    if args.profile:
+        profile(args.profile, [o for o in args.ops.split(",") if not o.startswith("fla")],
+                *shapes[0])
     ops_list = args.ops.split(",")
     # ours first, theirs last: fla's autotuning takes minutes on a fresh machine
     order = [o for o in ops_list if not o.startswith("fla")] + [
@@ -191,6 +196,29 @@ def main() -> None:
               f"{rf:>10}{rfb:>10}")
     if args.out:
         save(args.out, rows)
+
+
+def profile(path: str, ops: list, B: int, T: int) -> None:
+    """One fwd+bwd per op under torch.profiler; the top kernels by CUDA time go to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with open(path, "w") as f:
+        for op in ops:
+            try:
+                fn, ts = op_fn(op), make(op, B, T)
+                do = torch.randn_like(ts[2])
+                for _ in range(2):
+                    torch.autograd.grad(fn(*ts), ts, do)
+                torch.cuda.synchronize()
+                with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+                    torch.autograd.grad(fn(*ts), ts, do)
+                    torch.cuda.synchronize()
+                table = p.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            except Exception as exc:  # noqa: BLE001
+                table = f"{type(exc).__name__}: {exc}"
+            f.write(f"== {op} B={B} T={T}\n{table}\n")
+            torch.cuda.empty_cache()
 
 
 def save(path: str, rows: list) -> None:
