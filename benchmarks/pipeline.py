@@ -191,6 +191,7 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
 def headline(rows: list[dict]) -> dict:
     """1F1B against its ideal, and the best zero-bubble schedule against 1F1B, per layout."""
     out = {}
+    rows = [r for r in rows if "error" not in r]
     for r in rows:
         if r["schedule"] != "1F1B":
             continue
@@ -227,6 +228,9 @@ def markdown_table(path: str) -> str:
              "| config | step s | tokens/s | MFU | peak GB | bubble meas. | bubble theory | "
              "vs ideal | layers/stage |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:60]} |" + " |" * 7)
+            continue
         lines.append(
             f"| {r['name']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{_fmt(r['mfu'], '.3f')} | {_fmt(r['peak_mem_gb'], '.1f')} | "
@@ -295,18 +299,30 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = tempfile.mkdtemp(prefix="pp_bench_")
     rows = []
     for c in grid:
-        mine = run_config(c, args, run_dir)
+        try:
+            mine = run_config(c, args, run_dir)
+        except Exception as e:  # noqa: BLE001 - recorded; the grid goes on if all ranks failed
+            mine = {"error": f"{type(e).__name__}: {e}"[:400]}
+            gc.collect()
+            if not args.cpu:
+                torch.cuda.empty_cache()
         gathered = [None] * world
         if dist.is_initialized():
             dist.all_gather_object(gathered, mine)
         else:
             gathered = [mine]
-        device = torch.device("cuda", torch.cuda.current_device()) if not args.cpu \
-            else torch.device("cpu")
-        row = summarise(c, gathered, world, peak_flops(device))
+        errors = [g["error"] for g in gathered if "error" in g]
+        if errors:
+            row = dict(c, error=errors[0])
+            if rank == 0:
+                print(f"{c['name']:<32} FAILED: {errors[0]}", flush=True)
+        else:
+            device = torch.device("cuda", torch.cuda.current_device()) if not args.cpu \
+                else torch.device("cpu")
+            row = summarise(c, gathered, world, peak_flops(device))
+            if rank == 0:
+                print_row(row)
         rows.append(row)
-        if rank == 0:
-            print_row(row)
     if rank == 0:
         card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
         meta = {"card": card, "world": world, "torch": torch.__version__,
