@@ -18,8 +18,8 @@ PP2 = ["parallel.pp=2"]
 CASES = {  # id: (parallel overrides, model overrides)
     "pp2xdp2-1F1B-accum2": ([*PP2, "parallel.dp=2", "parallel.pp_schedule=1F1B",
                              "parallel.pp_microbatches=2", "training.grad_accum=2"], []),
-    "pp2xsp2-GPipe": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=GPipe",
-                       "parallel.pp_microbatches=4"], []),
+    "pp2xsp2-GPipe-zigzag": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=GPipe",
+                              "parallel.pp_microbatches=4", "parallel.layout=zigzag"], []),
     "pp2xsp2-1F1B-fsdp": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=1F1B",
                            "parallel.pp_microbatches=2", "parallel.fsdp=true"], []),
     "pp4-Interleaved1F1B": (["parallel.pp=4", "parallel.pp_schedule=Interleaved1F1B",
