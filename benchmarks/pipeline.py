@@ -58,34 +58,59 @@ def configs(world: int, args) -> list[dict]:
         for kind in kinds:
             sp = rest if kind == "sp" else 1
             dp = rest if kind == "dp" else 1
-            for sched in ([None] if pp == 1 else args.schedules):
+            for sched in [None] if pp == 1 else args.schedules:
                 v = 2 if sched in MULTI else 1
-                name = f"pp{pp}" + ("" if kind == "none" else f"-{kind}{rest}") + \
-                    (f"-{sched}" if sched else "")
-                if args.only and not any(name == o or name.startswith(o + "-")
-                                         for o in args.only):
+                name = (
+                    f"pp{pp}"
+                    + ("" if kind == "none" else f"-{kind}{rest}")
+                    + (f"-{sched}" if sched else "")
+                )
+                if args.only and not any(name == o or name.startswith(o + "-") for o in args.only):
                     continue
-                out.append({"name": name, "pp": pp, "dp": dp, "sp": sp, "schedule": sched,
-                            "stages_per_rank": v, "microbatches": args.microbatches if pp > 1
-                            else 1})
+                out.append(
+                    {
+                        "name": name,
+                        "pp": pp,
+                        "dp": dp,
+                        "sp": sp,
+                        "schedule": sched,
+                        "stages_per_rank": v,
+                        "microbatches": args.microbatches if pp > 1 else 1,
+                    }
+                )
     return out
 
 
 def overrides(c: dict, args, run_dir: str) -> list[str]:
     per_dp = c["microbatches"] if c["pp"] > 1 else args.pp1_batch
-    o = [f"model.preset={args.preset}", f"training.seq_len={args.seq_len}",
-         f"training.batch_size={per_dp * c['dp']}", "training.grad_accum=1",
-         "training.steps=1000", "training.warmup_steps=0", "training.lr=1e-4",
-         f"training.device={'cpu' if args.cpu else 'cuda'}",
-         f"training.dtype={'fp32' if args.cpu else 'bf16'}",
-         f"parallel.pp={c['pp']}", f"parallel.dp={c['dp']}", f"parallel.sp={c['sp']}",
-         f"parallel.activation_checkpointing={args.ac}", f"parallel.fsdp={args.fsdp}",
-         "data.source=stdlib", "data.max_files=40", "checkpoint.enabled=false",
-         "logging.progress=false", f"logging.run_dir={run_dir}", f"logging.name={c['name']}"]
+    o = [
+        f"model.preset={args.preset}",
+        f"training.seq_len={args.seq_len}",
+        f"training.batch_size={per_dp * c['dp']}",
+        "training.grad_accum=1",
+        "training.steps=1000",
+        "training.warmup_steps=0",
+        "training.lr=1e-4",
+        f"training.device={'cpu' if args.cpu else 'cuda'}",
+        f"training.dtype={'fp32' if args.cpu else 'bf16'}",
+        f"parallel.pp={c['pp']}",
+        f"parallel.dp={c['dp']}",
+        f"parallel.sp={c['sp']}",
+        f"parallel.activation_checkpointing={args.ac}",
+        f"parallel.fsdp={args.fsdp}",
+        "data.source=stdlib",
+        "data.max_files=40",
+        "checkpoint.enabled=false",
+        "logging.progress=false",
+        f"logging.run_dir={run_dir}",
+        f"logging.name={c['name']}",
+    ]
     if c["pp"] > 1:
-        o += [f"parallel.pp_schedule={c['schedule']}",
-              f"parallel.pp_stages_per_rank={c['stages_per_rank']}",
-              f"parallel.pp_microbatches={c['microbatches']}"]
+        o += [
+            f"parallel.pp_schedule={c['schedule']}",
+            f"parallel.pp_stages_per_rank={c['stages_per_rank']}",
+            f"parallel.pp_microbatches={c['microbatches']}",
+        ]
     return o + args.set
 
 
@@ -105,8 +130,10 @@ class StageTimer:
     def _wrap(self, fn):
         def timed(*a, **kw):
             if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), \
-                    torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 out = fn(*a, **kw)
                 end.record()
@@ -116,6 +143,7 @@ class StageTimer:
                 out = fn(*a, **kw)
                 self.spans.append(time.perf_counter() - t0)
             return out
+
         return timed
 
     def take(self) -> float:
@@ -157,11 +185,17 @@ def run_config(c: dict, args, run_dir: str) -> dict:
         steps.append(r.seconds)
         busy.append(timer.take() if timer else r.seconds)
     tokens = cfg.training.batch_size * cfg.training.seq_len
-    row = {"step_s": sorted(steps)[len(steps) // 2], "busy_s": sorted(busy)[len(busy) // 2],
-           "tokens": tokens, "loss": r.loss, "num_params": trainer.num_params,
-           "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 1e9
-                           if device.type == "cuda" else None),
-           "split": trainer.pipeline.layer_split if trainer.pipeline else None}
+    row = {
+        "step_s": sorted(steps)[len(steps) // 2],
+        "busy_s": sorted(busy)[len(busy) // 2],
+        "tokens": tokens,
+        "loss": r.loss,
+        "num_params": trainer.num_params,
+        "peak_mem_gb": (
+            torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        ),
+        "split": trainer.pipeline.layer_split if trainer.pipeline else None,
+    }
     del trainer, timer
     gc.collect()
     if device.type == "cuda":
@@ -175,16 +209,21 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
     tokens = rows[0]["tokens"]
     theory = theory_bubble(c)
     out = dict(c)
-    out.update({
-        "step_s": step, "tokens_per_s": tokens / step, "tokens": tokens,
-        "mfu": 6.0 * rows[0]["num_params"] * tokens / (step * world * peak) if peak else None,
-        "peak_mem_gb": max((r["peak_mem_gb"] or 0.0) for r in rows) or None,
-        "busy_s": busy, "bubble_measured": 1.0 - busy / step if c["pp"] > 1 else None,
-        "bubble_theory": theory if c["pp"] > 1 else None,
-        "vs_ideal": step / (busy / (1.0 - theory)) if c["pp"] > 1 else None,
-        "loss": rows[0]["loss"], "split": [len(s) for s in rows[0]["split"]]
-        if rows[0]["split"] else None,
-    })
+    out.update(
+        {
+            "step_s": step,
+            "tokens_per_s": tokens / step,
+            "tokens": tokens,
+            "mfu": 6.0 * rows[0]["num_params"] * tokens / (step * world * peak) if peak else None,
+            "peak_mem_gb": max((r["peak_mem_gb"] or 0.0) for r in rows) or None,
+            "busy_s": busy,
+            "bubble_measured": 1.0 - busy / step if c["pp"] > 1 else None,
+            "bubble_theory": theory if c["pp"] > 1 else None,
+            "vs_ideal": step / (busy / (1.0 - theory)) if c["pp"] > 1 else None,
+            "loss": rows[0]["loss"],
+            "split": [len(s) for s in rows[0]["split"]] if rows[0]["split"] else None,
+        }
+    )
     return out
 
 
@@ -197,14 +236,23 @@ def headline(rows: list[dict]) -> dict:
             continue
         key = r["name"].rsplit("-", 1)[0]
         h = {"1F1B_vs_ideal": r["vs_ideal"], "target_1F1B_vs_ideal": 1.15}
-        zb = [z for z in rows if z["name"].rsplit("-", 1)[0] == key
-              and z["schedule"] in ("InterleavedZeroBubble", "ZBVZeroBubble")]
+        zb = [
+            z
+            for z in rows
+            if z["name"].rsplit("-", 1)[0] == key
+            and z["schedule"] in ("InterleavedZeroBubble", "ZBVZeroBubble")
+        ]
         if zb:
             best = min(zb, key=lambda z: z["step_s"])
-            h.update({"best_zero_bubble": best["schedule"],
-                      "zero_bubble_speedup": r["step_s"] / best["step_s"],
-                      "zero_bubble_mem_ratio": (best["peak_mem_gb"] / r["peak_mem_gb"]
-                                                if r["peak_mem_gb"] else None)})
+            h.update(
+                {
+                    "best_zero_bubble": best["schedule"],
+                    "zero_bubble_speedup": r["step_s"] / best["step_s"],
+                    "zero_bubble_mem_ratio": (
+                        best["peak_mem_gb"] / r["peak_mem_gb"] if r["peak_mem_gb"] else None
+                    ),
+                }
+            )
         out[key] = h
     return out
 
@@ -214,19 +262,26 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['name']:<32} step {r['step_s']:7.3f} s  {r['tokens_per_s']:9.0f} tok/s  "
-          f"MFU {_fmt(r['mfu'], '.3f')}  mem {_fmt(r['peak_mem_gb'], '.1f')} GB  "
-          f"bubble {_fmt(r['bubble_measured'], '.3f')} (theory {_fmt(r['bubble_theory'], '.3f')})"
-          f"  vs ideal {_fmt(r['vs_ideal'], '.3f')}  split {r['split']}", flush=True)
+    print(
+        f"{r['name']:<32} step {r['step_s']:7.3f} s  {r['tokens_per_s']:9.0f} tok/s  "
+        f"MFU {_fmt(r['mfu'], '.3f')}  mem {_fmt(r['peak_mem_gb'], '.1f')} GB  "
+        f"bubble {_fmt(r['bubble_measured'], '.3f')} (theory {_fmt(r['bubble_theory'], '.3f')})"
+        f"  vs ideal {_fmt(r['vs_ideal'], '.3f')}  split {r['split']}",
+        flush=True,
+    )
 
 
 def markdown_table(path: str) -> str:
     data = json.loads(Path(path).read_text())
     m = data["meta"]
-    lines = [f"{m['card']} x{m['world']}, torch {m['torch']}, {m['date'][:10]}, "
-             f"{m['preset']}, {m['seq_len']} tokens/seq, m = {m['microbatches']}", "",
-             "| config | step s | tokens/s | MFU | peak GB | bubble meas. | bubble theory | "
-             "vs ideal | layers/stage |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{m['card']} x{m['world']}, torch {m['torch']}, {m['date'][:10]}, "
+        f"{m['preset']}, {m['seq_len']} tokens/seq, m = {m['microbatches']}",
+        "",
+        "| config | step s | tokens/s | MFU | peak GB | bubble meas. | bubble theory | "
+        "vs ideal | layers/stage |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error'][:60]} |" + " |" * 7)
@@ -235,21 +290,29 @@ def markdown_table(path: str) -> str:
             f"| {r['name']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{_fmt(r['mfu'], '.3f')} | {_fmt(r['peak_mem_gb'], '.1f')} | "
             f"{_fmt(r['bubble_measured'], '.3f')} | {_fmt(r['bubble_theory'], '.3f')} | "
-            f"{_fmt(r['vs_ideal'], '.2f')} | {r['split'] or '-'} |")
+            f"{_fmt(r['vs_ideal'], '.2f')} | {r['split'] or '-'} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 8K tokens, sp only, 1F1B and ZBVZeroBubble, 2 steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 8K tokens, sp only, 1F1B and ZBVZeroBubble, 2 steps",
+    )
     ap.add_argument("--preset", default="linear-llama3-1b")
     ap.add_argument("--seq-len", type=int, default=32768)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--pp", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
-    ap.add_argument("--rest", type=lambda s: s.split(","), default=["sp", "dp"],
-                    help="what the GPUs beyond pp do: sp, dp or both")
+    ap.add_argument(
+        "--rest",
+        type=lambda s: s.split(","),
+        default=["sp", "dp"],
+        help="what the GPUs beyond pp do: sp, dp or both",
+    )
     ap.add_argument("--schedules", type=lambda s: s.split(","), default=SCHEDULES)
     ap.add_argument("--only", type=lambda s: s.split(","), default=None)
     ap.add_argument("--pp1-batch", type=int, default=1, help="sequences per dp rank at pp=1")
@@ -260,8 +323,12 @@ def parse_args(argv: list[str]):
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (plumbing check only)")
     ap.add_argument("--set", action="append", default=[], help="extra config override a.b=v")
     ap.add_argument("--table", default=None, help="print the README table of a JSON and exit")
-    ap.add_argument("--merge", nargs="+", default=None,
-                    help="join the rows of several JSONs (split runs) into --out and exit")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="join the rows of several JSONs (split runs) into --out and exit",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len = min(args.seq_len, 8192)
@@ -281,13 +348,17 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for part in parts for r in part["rows"]]
         meta = dict(parts[0]["meta"], command=" ; ".join(p["meta"]["command"] for p in parts))
         out = Path(args.out or "benchmarks/results/pipeline.json")
-        out.write_text(json.dumps({"meta": meta, "headline": headline(rows), "rows": rows},
-                                  indent=1))
+        out.write_text(
+            json.dumps({"meta": meta, "headline": headline(rows), "rows": rows}, indent=1)
+        )
         print(f"wrote {out}")
         return
     if not args.cpu:
-        for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                     ("NVSHMEM_DISABLE_NVLS", "1")):
+        for k, v in (
+            ("NCCL_NVLS_ENABLE", "0"),
+            ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+            ("NVSHMEM_DISABLE_NVLS", "1"),
+        ):
             os.environ.setdefault(k, v)
     from launch.trainer import Trainer  # noqa: F401  (import errors before any work)
 
@@ -317,24 +388,38 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 print(f"{c['name']:<32} FAILED: {errors[0]}", flush=True)
         else:
-            device = torch.device("cuda", torch.cuda.current_device()) if not args.cpu \
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if not args.cpu
                 else torch.device("cpu")
+            )
             row = summarise(c, gathered, world, peak_flops(device))
             if rank == 0:
                 print_row(row)
         rows.append(row)
     if rank == 0:
         card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
-        meta = {"card": card, "world": world, "torch": torch.__version__,
-                "triton": _version("triton"), "cuda": torch.version.cuda,
-                "python": sys.version.split()[0], "preset": args.preset,
-                "seq_len": args.seq_len, "microbatches": args.microbatches,
-                "activation_checkpointing": args.ac, "fsdp": args.fsdp == "true",
-                "command": " ".join(["torchrun", f"--nproc_per_node={world}", *sys.argv]),
-                "date": dt.datetime.now(dt.timezone.utc).isoformat()}
+        meta = {
+            "card": card,
+            "world": world,
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+            "preset": args.preset,
+            "seq_len": args.seq_len,
+            "microbatches": args.microbatches,
+            "activation_checkpointing": args.ac,
+            "fsdp": args.fsdp == "true",
+            "command": " ".join(["torchrun", f"--nproc_per_node={world}", *sys.argv]),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
         result = {"meta": meta, "headline": headline(rows), "rows": rows}
-        out = Path(args.out or f"benchmarks/results/pipeline{'_quick' if args.quick else ''}"
-                   f"_{card.replace(' ', '_')}_x{world}.json")
+        out = Path(
+            args.out
+            or f"benchmarks/results/pipeline{'_quick' if args.quick else ''}"
+            f"_{card.replace(' ', '_')}_x{world}.json"
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(json.dumps(result["headline"], indent=1))

@@ -66,8 +66,7 @@ SCHEDULES = {
 def placement_style(schedule: str) -> str:
     """``"v"`` for the V-shaped schedules, ``"loop"`` otherwise."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"parallel.pp_schedule must be one of {list(SCHEDULES)}, "
-                         f"got {schedule!r}")
+        raise ValueError(f"parallel.pp_schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     return SCHEDULES[schedule]
 
 
@@ -94,10 +93,20 @@ class Pipeline:
         layer_split: the layer names of every stage (all ranks), for logs and benchmarks.
     """
 
-    def __init__(self, *, model_parts: list[nn.Module], stages: list[PipelineStage], schedule,
-                 ctx: StepContext, dims: ParallelDims, layer_split: list[list[str]],
-                 stage_ids: list[int], layout: str, tie: tuple | None,
-                 n_microbatches: int) -> None:
+    def __init__(
+        self,
+        *,
+        model_parts: list[nn.Module],
+        stages: list[PipelineStage],
+        schedule,
+        ctx: StepContext,
+        dims: ParallelDims,
+        layer_split: list[list[str]],
+        stage_ids: list[int],
+        layout: str,
+        tie: tuple | None,
+        n_microbatches: int,
+    ) -> None:
         self.model_parts = model_parts
         self.stages = stages
         self.schedule = schedule
@@ -118,8 +127,9 @@ class Pipeline:
             return x
         from parallel.sequence_shard import shard_sequence
 
-        return shard_sequence(x, dim=1, rank=self.dims.local_rank_in("sp"),
-                              world=self.dims.sp, layout=self.layout)
+        return shard_sequence(
+            x, dim=1, rank=self.dims.local_rank_in("sp"), world=self.dims.sp, layout=self.layout
+        )
 
     def step(self, batch, global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one batch ``inputs/labels [B, T]`` through the pipeline.
@@ -134,9 +144,13 @@ class Pipeline:
         if self.dims.sp_enabled:
             from parallel.sequence_shard import shard_position_ids
 
-            pos = shard_position_ids(inputs.shape[1], rank=self.dims.local_rank_in("sp"),
-                                     world=self.dims.sp, layout=self.layout,
-                                     device=global_tokens.device)
+            pos = shard_position_ids(
+                inputs.shape[1],
+                rank=self.dims.local_rank_in("sp"),
+                world=self.dims.sp,
+                layout=self.layout,
+                device=global_tokens.device,
+            )
         inputs, labels = self._shard(inputs), self._shard(labels)
         ctx = self.ctx
         ctx.position_ids, ctx.global_tokens, ctx.microbatch = pos, global_tokens, 0
@@ -183,8 +197,14 @@ def _tie_group(dims: ParallelDims, first_pp: int, last_pp: int):
     return group
 
 
-def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch.device,
-                   autocast_dtype: torch.dtype | None = None) -> Pipeline:
+def build_pipeline(
+    model: LinearLlama,
+    dims: ParallelDims,
+    cfg,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> Pipeline:
     """Split ``model`` for this rank's pipeline stages and build the schedule ``cfg`` names.
 
     ``model`` must be built identically (same seed) on every rank; the modules this rank does
@@ -204,14 +224,20 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
     extra = {"checkpoint_every": p.checkpoint_every} if hasattr(p, "checkpoint_every") else {}
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
-        build_stage_module(model, layer_split[s], is_first=s == 0,
-                           is_last=s == num_stages - 1, ctx=ctx)
+        build_stage_module(
+            model, layer_split[s], is_first=s == 0, is_last=s == num_stages - 1, ctx=ctx
+        )
         for s in stage_ids
     ]
     for part in parts:
-        parallelize_model(part, dims, layout=p.layout,
-                          activation_checkpointing=p.activation_checkpointing, fsdp=p.fsdp,
-                          **extra)
+        parallelize_model(
+            part,
+            dims,
+            layout=p.layout,
+            activation_checkpointing=p.activation_checkpointing,
+            fsdp=p.fsdp,
+            **extra,
+        )
 
     tie = None
     if tied:
@@ -237,18 +263,35 @@ def build_pipeline(model: LinearLlama, dims: ParallelDims, cfg, *, device: torch
         kwargs["scale_grads"] = False  # the loss is already a sum / global tokens
     if issubclass(cls, PipelineScheduleSingle):
         if len(stages) != 1:
-            raise ValueError(f"parallel.pp_schedule {p.pp_schedule} runs one stage per rank, "
-                             f"got parallel.pp_stages_per_rank = {per_rank}")
+            raise ValueError(
+                f"parallel.pp_schedule {p.pp_schedule} runs one stage per rank, "
+                f"got parallel.pp_stages_per_rank = {per_rank}"
+            )
         schedule = cls(stages[0], **kwargs)
     else:
         assert issubclass(cls, PipelineScheduleMulti), cls
         schedule = cls(stages, **kwargs)
     get_logger().info(
         "pipeline %s: %d stages (%d per rank, %s placement), %d microbatches, layers per stage %s",
-        p.pp_schedule, num_stages, per_rank, style, m, [len(names) for names in layer_split])
-    return Pipeline(model_parts=parts, stages=stages, schedule=schedule, ctx=ctx, dims=dims,
-                    layer_split=layer_split, stage_ids=stage_ids, layout=p.layout, tie=tie,
-                    n_microbatches=m)
+        p.pp_schedule,
+        num_stages,
+        per_rank,
+        style,
+        m,
+        [len(names) for names in layer_split],
+    )
+    return Pipeline(
+        model_parts=parts,
+        stages=stages,
+        schedule=schedule,
+        ctx=ctx,
+        dims=dims,
+        layer_split=layer_split,
+        stage_ids=stage_ids,
+        layout=p.layout,
+        tie=tie,
+        n_microbatches=m,
+    )
 
 
 def _identity_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,9 @@ __all__ = [
 _LINEAR_CHUNK = 64
 
 
-def block_costs(args: ModelArgs, seq_len: int, *, embedding_blocks: float = 0.5
-                ) -> tuple[list[float], float, float]:
+def block_costs(
+    args: ModelArgs, seq_len: int, *, embedding_blocks: float = 0.5
+) -> tuple[list[float], float, float]:
     """Per-block, embedding and head costs in training FLOPs per token.
 
     Args:
@@ -115,8 +116,9 @@ def _min_max_split(costs: list[float], first: float, last: float, n: int) -> lis
     return sizes[::-1]
 
 
-def split_layers(args: ModelArgs, num_stages: int, *, seq_len: int,
-                 embedding_blocks: float = 0.5) -> list[list[str]]:
+def split_layers(
+    args: ModelArgs, num_stages: int, *, seq_len: int, embedding_blocks: float = 0.5
+) -> list[list[str]]:
     """Layer names (``"0"``.. as in ``model.layers``) of each of ``num_stages`` stages, by cost.
 
     Raises ValueError when there are fewer layers than stages.
@@ -124,8 +126,10 @@ def split_layers(args: ModelArgs, num_stages: int, *, seq_len: int,
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if args.n_layers < num_stages:
-        raise ValueError(f"model.n_layers ({args.n_layers}) must be >= the number of pipeline "
-                         f"stages ({num_stages})")
+        raise ValueError(
+            f"model.n_layers ({args.n_layers}) must be >= the number of pipeline "
+            f"stages ({num_stages})"
+        )
     costs, embedding, head = block_costs(args, seq_len, embedding_blocks=embedding_blocks)
     sizes = _min_max_split(costs, embedding, head, num_stages)
     names, start = [], 0
@@ -189,8 +193,9 @@ class PipelineStageModel(LinearLlama):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx = self.ctx
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype,
-                            enabled=ctx.autocast_dtype is not None):
+        with torch.autocast(
+            ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast_dtype is not None
+        ):
             h = super().forward(x, position_ids=ctx.position_ids)
             if not self.computes_loss:
                 return h
@@ -198,8 +203,9 @@ class PipelineStageModel(LinearLlama):
             return (self.loss(h, labels) / ctx.global_tokens).reshape(1)
 
 
-def build_stage_module(model: LinearLlama, layer_names: list[str], *, is_first: bool,
-                       is_last: bool, ctx: StepContext) -> PipelineStageModel:
+def build_stage_module(
+    model: LinearLlama, layer_names: list[str], *, is_first: bool, is_last: bool, ctx: StepContext
+) -> PipelineStageModel:
     """A stage holding ``layer_names`` of ``model`` (the modules are shared, not copied).
 
     The first stage keeps ``tok_embeddings``, the last keeps ``norm`` and ``output``. With tied
@@ -225,8 +231,7 @@ def build_stage_module(model: LinearLlama, layer_names: list[str], *, is_first: 
     stage.output = model.output if is_last else None
     if is_last and model.output is None and model.tok_embeddings is not None and not is_first:
         emb = model.tok_embeddings.weight
-        head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device,
-                         dtype=emb.dtype)
+        head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype)
         with torch.no_grad():
             head.weight.copy_(emb)
         stage.output = head

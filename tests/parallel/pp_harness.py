@@ -20,18 +20,28 @@ from tests.dist_harness import run_ranks
 
 __all__ = ["BASE", "check", "config", "reference", "run_case", "worker"]
 
-BASE = ["model.preset=tiny", "model.dim=64", "model.ffn_dim=128", "model.n_heads=2",
-        "training.steps=5", "training.batch_size=8", "training.seq_len=32",
-        "training.warmup_steps=2", "training.lr=1e-3", "training.dtype=fp32",
-        "training.device=cpu", "data.max_files=8", "checkpoint.enabled=false",
-        "logging.progress=false"]
+BASE = [
+    "model.preset=tiny",
+    "model.dim=64",
+    "model.ffn_dim=128",
+    "model.n_heads=2",
+    "training.steps=5",
+    "training.batch_size=8",
+    "training.seq_len=32",
+    "training.warmup_steps=2",
+    "training.lr=1e-3",
+    "training.dtype=fp32",
+    "training.device=cpu",
+    "data.max_files=8",
+    "checkpoint.enabled=false",
+    "logging.progress=false",
+]
 WORLD = 4
 
 
 def config(run_dir, name: str, extra: list[str]):
     """The harness's base config under ``run_dir/name`` with ``extra`` overrides."""
-    return load_config(None, [*BASE, f"logging.run_dir={run_dir}", f"logging.name={name}",
-                              *extra])
+    return load_config(None, [*BASE, f"logging.run_dir={run_dir}", f"logging.name={name}", *extra])
 
 
 def _clean(name: str) -> str:
@@ -57,9 +67,12 @@ def worker(rank: int, world: int, run_dir: str, extra: list[str]) -> dict:
     del world
     trainer = Trainer(config(run_dir, f"w{rank}", extra))
     hist = trainer.train()
-    return {"losses": [h.loss for h in hist], "norms": [h.grad_norm for h in hist],
-            "params": _full_params(trainer),
-            "split": getattr(trainer.pipeline, "layer_split", None)}
+    return {
+        "losses": [h.loss for h in hist],
+        "norms": [h.grad_norm for h in hist],
+        "params": _full_params(trainer),
+        "split": getattr(trainer.pipeline, "layer_split", None),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,7 +95,8 @@ def _assert_params_close(value: torch.Tensor, ref: torch.Tensor, what: str) -> N
     diff = (value - ref).abs()
     bad = int((diff > 2e-6 + 1e-5 * ref.abs()).sum())
     assert bad <= max(2, ref.numel() // 10_000), (
-        f"{what}: {bad}/{ref.numel()} elements differ, max {float(diff.max()):.3g}")
+        f"{what}: {bad}/{ref.numel()} elements differ, max {float(diff.max()):.3g}"
+    )
     assert float(diff.max()) < 1e-2, f"{what}: max difference {float(diff.max()):.3g}"
 
 
@@ -91,13 +105,23 @@ def check(results: list[dict], ref, *, tied: bool = True) -> None:
     equals the reference's, and every reference parameter is held by some rank."""
     ref_losses, ref_norms, ref_params = ref
     for r, res in enumerate(results):
-        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m, r=r: f"rank {r} loss: {m}")
+        torch.testing.assert_close(
+            torch.tensor(res["losses"]),
+            torch.tensor(ref_losses),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, r=r: f"rank {r} loss: {m}",
+        )
         # Step 1's norm is a pure gradient check; later ones also feel Adam's amplification of
         # rounding (single-process grad_accum=4 drifts from grad_accum=1 as much).
         assert abs(res["norms"][0] - ref_norms[0]) <= 1e-5 * ref_norms[0], (r, res["norms"])
-        torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms),
-                                   rtol=2e-4, atol=0, msg=lambda m, r=r: f"rank {r} norm: {m}")
+        torch.testing.assert_close(
+            torch.tensor(res["norms"]),
+            torch.tensor(ref_norms),
+            rtol=2e-4,
+            atol=0,
+            msg=lambda m, r=r: f"rank {r} norm: {m}",
+        )
     seen = set()
     for r, res in enumerate(results):
         for name, value in res["params"].items():
@@ -110,8 +134,9 @@ def check(results: list[dict], ref, *, tied: bool = True) -> None:
     assert seen == set(ref_params), f"parameters held by no rank: {set(ref_params) - seen}"
 
 
-def run_case(extra: list[str], model_extra: list[str], tmp_factory, *, world: int = WORLD
-             ) -> list[dict]:
+def run_case(
+    extra: list[str], model_extra: list[str], tmp_factory, *, world: int = WORLD
+) -> list[dict]:
     """Train ``extra + model_extra`` on ``world`` ranks, check against the reference, return
     the per-rank results."""
     ref = reference(str(tmp_factory.getbasetemp() / "reference"), tuple(model_extra))

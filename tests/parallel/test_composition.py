@@ -26,8 +26,18 @@ def test_dp_sp_matches_single_process(case, tmp_path_factory):
 def test_pp_dp_sp_on_eight_ranks(tmp_path_factory):
     """pp2 x dp2 x sp2, Interleaved1F1B, FSDP over each stage's dp_sp mesh of 4 ranks, the
     tied-embedding copy summed over 4 separate first/last-stage pairs."""
-    results = run_case(["parallel.pp=2", "parallel.dp=2", "parallel.sp=2",
-                        "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2",
-                        "parallel.pp_microbatches=2", "parallel.fsdp=true"], [],
-                       tmp_path_factory, world=8)
+    results = run_case(
+        [
+            "parallel.pp=2",
+            "parallel.dp=2",
+            "parallel.sp=2",
+            "parallel.pp_schedule=Interleaved1F1B",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=2",
+            "parallel.fsdp=true",
+        ],
+        [],
+        tmp_path_factory,
+        world=8,
+    )
     assert results[0]["split"] == [["0"], ["1"], ["2"], ["3"]]

@@ -16,22 +16,66 @@ from tests.parallel.pp_harness import config, run_case
 
 PP2 = ["parallel.pp=2"]
 CASES = {  # id: (parallel overrides, model overrides)
-    "pp2xdp2-1F1B-accum2": ([*PP2, "parallel.dp=2", "parallel.pp_schedule=1F1B",
-                             "parallel.pp_microbatches=2", "training.grad_accum=2"], []),
-    "pp2xsp2-GPipe-zigzag": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=GPipe",
-                              "parallel.pp_microbatches=4", "parallel.layout=zigzag"], []),
-    "pp2xsp2-1F1B-fsdp": ([*PP2, "parallel.sp=2", "parallel.pp_schedule=1F1B",
-                           "parallel.pp_microbatches=2", "parallel.fsdp=true"], []),
-    "pp4-Interleaved1F1B": (["parallel.pp=4", "parallel.pp_schedule=Interleaved1F1B",
-                             "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"],
-                            ["model.n_layers=8"]),
-    "pp2xdp2-ZBVZeroBubble-fsdp": ([*PP2, "parallel.dp=2", "parallel.pp_schedule=ZBVZeroBubble",
-                                    "parallel.pp_stages_per_rank=2",
-                                    "parallel.pp_microbatches=4", "parallel.fsdp=true"], []),
-    "pp2xdp2-InterleavedZeroBubble": ([*PP2, "parallel.dp=2",
-                                       "parallel.pp_schedule=InterleavedZeroBubble",
-                                       "parallel.pp_stages_per_rank=2",
-                                       "parallel.pp_microbatches=2"], []),
+    "pp2xdp2-1F1B-accum2": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=1F1B",
+            "parallel.pp_microbatches=2",
+            "training.grad_accum=2",
+        ],
+        [],
+    ),
+    "pp2xsp2-GPipe-zigzag": (
+        [
+            *PP2,
+            "parallel.sp=2",
+            "parallel.pp_schedule=GPipe",
+            "parallel.pp_microbatches=4",
+            "parallel.layout=zigzag",
+        ],
+        [],
+    ),
+    "pp2xsp2-1F1B-fsdp": (
+        [
+            *PP2,
+            "parallel.sp=2",
+            "parallel.pp_schedule=1F1B",
+            "parallel.pp_microbatches=2",
+            "parallel.fsdp=true",
+        ],
+        [],
+    ),
+    "pp4-Interleaved1F1B": (
+        [
+            "parallel.pp=4",
+            "parallel.pp_schedule=Interleaved1F1B",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
+        ],
+        ["model.n_layers=8"],
+    ),
+    "pp2xdp2-ZBVZeroBubble-fsdp": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=ZBVZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
+            "parallel.fsdp=true",
+        ],
+        [],
+    ),
+    "pp2xdp2-InterleavedZeroBubble": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=InterleavedZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=2",
+        ],
+        [],
+    ),
 }
 SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage)
     "pp4-Interleaved1F1B": [[str(i)] for i in range(8)],
@@ -57,15 +101,24 @@ def _resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
     return [h.loss for h in straight], [h.loss for h in resumed.train()]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "dist/checkpoint.py saves optimizer param_groups unflattened: DCP keeps one rank's copy, "
-    "whose parameter names the other pipeline ranks do not hold (KeyError 'betas' after load); "
-    "passes with StateDictOptions(flatten_optimizer_state_dict=True) in save and load"))
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "dist/checkpoint.py saves optimizer param_groups unflattened: DCP keeps one rank's copy, "
+        "whose parameter names the other pipeline ranks do not hold (KeyError 'betas' after load); "
+        "passes with StateDictOptions(flatten_optimizer_state_dict=True) in save and load"
+    ),
+)
 @pytest.mark.timeout(180)
 def test_pipeline_checkpoint_resume_is_exact(tmp_path):
     """ZB-V (stage 0 and the last stage with its tied-head copy on rank 0) x dp2: a run cut at
     step 2 and resumed from its DCP checkpoint continues with the same losses."""
-    extra = [*PP2, "parallel.dp=2", "parallel.pp_schedule=ZBVZeroBubble",
-             "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=4"]
+    extra = [
+        *PP2,
+        "parallel.dp=2",
+        "parallel.pp_schedule=ZBVZeroBubble",
+        "parallel.pp_stages_per_rank=2",
+        "parallel.pp_microbatches=4",
+    ]
     for straight, resumed in run_ranks(_resume_worker, 4, str(tmp_path), extra):
         assert resumed == straight[2:]

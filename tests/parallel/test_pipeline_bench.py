@@ -17,12 +17,39 @@ from tests.dist_harness import free_port
 @pytest.mark.timeout(150)
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "pipeline.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(ROOT / "benchmarks" / "pipeline.py"), "--cpu",
-           "--preset", "tiny", "--seq-len", "32", "--microbatches", "2", "--pp", "2",
-           "--schedules", "1F1B,ZBVZeroBubble", "--warmup", "1", "--steps", "1",
-           "--set", "model.dim=64", "--set", "model.ffn_dim=128", "--set", "model.n_heads=2",
-           "--set", "data.max_files=4", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "benchmarks" / "pipeline.py"),
+        "--cpu",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--microbatches",
+        "2",
+        "--pp",
+        "2",
+        "--schedules",
+        "1F1B,ZBVZeroBubble",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--set",
+        "model.dim=64",
+        "--set",
+        "model.ffn_dim=128",
+        "--set",
+        "model.n_heads=2",
+        "--set",
+        "data.max_files=4",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=140)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -33,6 +60,11 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     assert row["bubble_theory"] == pytest.approx(1 / 3)
     assert set(data["meta"]) >= {"card", "torch", "command", "date"}
     assert "pp2" in data["headline"]
-    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), "--table",
-                            str(out)], capture_output=True, text=True, timeout=60, env=env)
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), "--table", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert "| pp2-1F1B |" in table.stdout

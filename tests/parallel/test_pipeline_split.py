@@ -75,10 +75,19 @@ BAD = [
     (["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble"], "exactly 2 stages per rank"),
     (["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B"], "at least 2 stages per rank"),
     (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], "runs one stage per rank"),
-    (["parallel.pp=4", "parallel.pp_stages_per_rank=2", "parallel.pp_schedule=Interleaved1F1B"],
-     "n_layers"),
-    (["parallel.pp=2", "parallel.pp_stages_per_rank=2", "parallel.pp_microbatches=3",
-      "parallel.pp_schedule=InterleavedZeroBubble"], "multiple of parallel.pp"),
+    (
+        ["parallel.pp=4", "parallel.pp_stages_per_rank=2", "parallel.pp_schedule=Interleaved1F1B"],
+        "n_layers",
+    ),
+    (
+        [
+            "parallel.pp=2",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=3",
+            "parallel.pp_schedule=InterleavedZeroBubble",
+        ],
+        "multiple of parallel.pp",
+    ),
 ]
 
 
@@ -89,10 +98,18 @@ def test_bad_pipeline_configs_fail_at_load(overrides, message):
 
 
 def test_microbatches_must_divide_the_local_batch():
-    cfg = load_config(None, ["parallel.pp=2", "parallel.pp_microbatches=3",
-                             "parallel.pp_schedule=GPipe", "training.batch_size=8"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.pp=2",
+            "parallel.pp_microbatches=3",
+            "parallel.pp_schedule=GPipe",
+            "training.batch_size=8",
+        ],
+    )
     with pytest.raises(ConfigError, match="pp_microbatches"):
         validate(cfg, world_size=4)
-    cfg = load_config(None, ["parallel.pp=2", "parallel.pp_microbatches=4",
-                             "training.batch_size=8"])
+    cfg = load_config(
+        None, ["parallel.pp=2", "parallel.pp_microbatches=4", "training.batch_size=8"]
+    )
     validate(cfg, world_size=4)  # dp 2: 4 sequences per rank, 4 microbatches
