@@ -24,6 +24,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
+# Optimizer state keyed by parameter name, one entry per parameter (hyper-parameters included):
+# pipeline ranks hold different parameters, and DCP keeps one copy of non-tensor entries, so a
+# nested param_groups list would come back naming another rank's parameters.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -67,7 +72,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
     with warnings.catch_warnings():
         # Single-process runs have no process group; DCP says so on every call.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -97,7 +102,7 @@ def load_checkpoint(
 ) -> dict:
     """Load model and optimizer in place; return this rank's trainer state."""
     path = Path(path)
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -107,7 +112,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=StateDictOptions(strict=True),
+        options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True),
     )
     part = path / f"trainer_rank{_rank():05d}.pt"
     if not part.is_file():

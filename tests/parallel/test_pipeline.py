@@ -101,14 +101,6 @@ def _resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
     return [h.loss for h in straight], [h.loss for h in resumed.train()]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "dist/checkpoint.py saves optimizer param_groups unflattened: DCP keeps one rank's copy, "
-        "whose parameter names the other pipeline ranks do not hold (KeyError 'betas' after load); "
-        "passes with StateDictOptions(flatten_optimizer_state_dict=True) in save and load"
-    ),
-)
 @pytest.mark.timeout(180)
 def test_pipeline_checkpoint_resume_is_exact(tmp_path):
     """ZB-V (stage 0 and the last stage with its tied-head copy on rank 0) x dp2: a run cut at
