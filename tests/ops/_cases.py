@@ -16,7 +16,8 @@ def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, see
                 strong_gates=True):
     """Random inputs; gates ``logsigmoid(randn)``-style, a share of them strongly negative.
 
-    With ``n_docs`` the batch is one packed sequence (B must be 1) with uneven documents.
+    With ``n_docs`` the batch is one packed sequence (B must be 1) with uneven documents
+    (``n_docs`` random cuts, or an explicit ``cu_seqlens`` list).
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -45,7 +46,11 @@ def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, see
             x["g"] = None
     cu = None
     n_state = B
-    if n_docs is not None:
+    if isinstance(n_docs, (list, tuple)):  # explicit cu_seqlens (may hold empty documents)
+        assert B == 1 and n_docs[0] == 0 and n_docs[-1] == T
+        cu = torch.tensor(n_docs, dtype=torch.long)
+        n_state = len(n_docs) - 1
+    elif n_docs is not None:
         assert B == 1 and n_docs <= T
         cuts = torch.randperm(T - 1, generator=gen)[: n_docs - 1] + 1
         cu = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values,

@@ -29,6 +29,7 @@ CASES = {
         ("scalar", "scalar", 2, 130, 2, 32, 16, None, 64, True),
         ("scalar_varlen", "scalar", 1, 200, 2, 16, 16, 3, 64, True),
         ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
+        ("gla_empty_doc", "gla", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
         ("gla", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_varlen", "gla", 1, 200, 2, 16, 16, 3, 64, True),
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
@@ -38,6 +39,8 @@ CASES = {
         ("delta_no_gate", "delta", 1, 70, 2, 32, 16, None, None, True),
         ("gated_delta_varlen", "gated_delta", 1, 150, 2, 16, 16, 3, None, True),
         ("gated_delta_no_state", "gated_delta", 1, 65, 1, 16, 16, None, None, False),
+        ("gated_delta_empty_doc", "gated_delta", 1, 140, 1, 16, 16, [0, 64, 64, 140], None,
+         True),
     ],
 }
 

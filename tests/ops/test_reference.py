@@ -26,6 +26,12 @@ def test_cu_seqlens_uneven_docs(variant):
     check_against_naive(reference, variant, x, cu, tol=1e-10, seed=7)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cu_seqlens_empty_doc(variant):
+    x, cu = make_inputs(variant, 1, 140, 2, 8, 8, n_docs=[0, 64, 64, 140], seed=9)
+    check_against_naive(reference, variant, x, cu, tol=1e-10, seed=9)
+
+
 @pytest.mark.parametrize("variant", ["gla", "gated_delta"])
 def test_fp32_close_and_dtype(variant):
     x, cu = make_inputs(variant, 1, 100, 2, 16, 16, dtype=torch.float32, seed=3)
