@@ -92,3 +92,10 @@ def test_kernel_vs_fp32_reference(variant, shape, dtype):
     print(variant, shape, dtype, {n: f"{e:.2e}" for n, e in errs.items()})
     bad = {n: e for n, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]}: {bad}; all: {errs}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gla_intra_v2_vs_fp32_reference(dtype, monkeypatch):
+    """The opt-in row-block GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v2), 8K x 2."""
+    monkeypatch.setenv("LINSCALE_GLA_INTRA", "v2")
+    test_kernel_vs_fp32_reference("gla", (2, 8192, 4, None), dtype)

@@ -28,11 +28,14 @@ CASES = {
         ("linear_no_state", "linear", 1, 100, 2, 16, 16, None, 64, False),
         ("scalar", "scalar", 2, 130, 2, 32, 16, None, 64, True),
         ("scalar_varlen", "scalar", 1, 200, 2, 16, 16, 3, 64, True),
-        ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
-        ("gla_empty_doc", "gla", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
         ("gla", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_varlen", "gla", 1, 200, 2, 16, 16, 3, 64, True),
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
+        ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
+        ("gla_empty_doc", "gla", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
+        # ids with "_v2" run the row-block GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v2)
+        ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
+        ("gla_v2_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
     ],
     "delta": [
         ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
@@ -56,6 +59,7 @@ def main(family: str) -> None:
             os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS", None)
         else:
             os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
+        os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v1"
         x, cu = make_inputs(variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32,
                             seed=len(out) + 1)
         try:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["chunk_cumsum_kernel", "gla_intra_fwd_kernel", "gla_intra_bwd_kernel"]
+__all__ = [
+    "chunk_cumsum_kernel",
+    "gla_intra_fwd_kernel",
+    "gla_intra_bwd_kernel",
+    "gla_intra_fwd_v2_kernel",
+    "gla_intra_bwd_v2_kernel",
+]
 
 
 @triton.jit
@@ -150,3 +156,132 @@ def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_b
             dk += dk_off * tl.exp(tl.minimum(r[None, :] - bj, 0.0))
             tl.store(dk_ptr + (tj[:, None] * H + pid_h) * K + offs_k[None, :], dk,
                      mask=mj[:, None] & mk[None, :])
+
+
+# --- v2 (opt-in, LINSCALE_GLA_INTRA=v2; written after the last H100 run, not yet timed) ------
+# One program per (16-row block, chunk, head); off-diagonal blocks as tensor-core products in
+# the input dtype; diagonal blocks as a 16-step loop over single rows instead of [16, 16, K]
+# register tensors.
+
+
+@triton.jit
+def _row(ptr, bos, eos, c, I: tl.constexpr, j, h, H: tl.constexpr, D: tl.constexpr, offs_d, md,
+         BT: tl.constexpr, BC: tl.constexpr):
+    # rows past the end are clamped to a real row: every use multiplies them by a zero
+    t = tl.minimum(bos + c * BT + I * BC + j, eos - 1)
+    return tl.load(ptr + (t.to(tl.int64) * H + h) * D + offs_d, mask=md, other=0.0)
+
+
+@triton.jit
+def gla_intra_fwd_v2_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.constexpr,
+                            K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                            BK: tl.constexpr):
+    """Row block ``I`` of the unscaled scores A (see :func:`gla_intra_fwd_kernel`)."""
+    I, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_c = tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < K
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    ti = bos + I * BC + offs_c
+    mi = ti < eos
+    ti64 = ti.to(tl.int64)
+    ptr_i = (ti64[:, None] * H + pid_h) * K + offs_k[None, :]
+    qi = tl.load(q_ptr + ptr_i, mask=mi[:, None] & mk[None, :], other=0.0)
+    bi = tl.load(b_ptr + ptr_i, mask=mi[:, None] & mk[None, :], other=0.0)
+    dt = qi.dtype
+    for J in range(I):
+        tj = bos + J * BC + offs_c
+        mj = tj < eos
+        ptr_j = (tj.to(tl.int64)[:, None] * H + pid_h) * K + offs_k[None, :]
+        kj = tl.load(k_ptr + ptr_j, mask=mj[:, None] & mk[None, :], other=0.0)
+        bj = tl.load(b_ptr + ptr_j, mask=mj[:, None] & mk[None, :], other=0.0)
+        r = _row(b_ptr, bos, eos, 0, 0, J * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
+        qg = (qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))).to(dt)
+        kg = (kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))).to(dt)
+        a = tl.dot(qg, tl.trans(kg))
+        tl.store(a_ptr + (ti64[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :], a,
+                 mask=mi[:, None])
+    a = tl.zeros([BC, BC], tl.float32)
+    qf = qi.to(tl.float32)
+    for j in range(BC):
+        kr = _row(k_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+        br = _row(b_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+        col = tl.sum(qf * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bi - br[None, :], 0.0)),
+                     1)
+        a = tl.where((offs_c[None, :] == j) & (offs_c[:, None] >= j), col[:, None], a)
+    tl.store(a_ptr + (ti64[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :], a,
+             mask=mi[:, None])
+
+
+@triton.jit
+def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_bos, g_eos,
+                            scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                            BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr):
+    """Block X of the intra-chunk dq (rows X) and dk (rows X), fp32 ``[TT, H, K]``."""
+    X, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NB: tl.constexpr = BT // BC
+    offs_c = tl.arange(0, BC)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    mk, mv = offs_k < K, offs_v < V
+    causal = offs_c[:, None] >= offs_c[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    tx = bos + X * BC + offs_c
+    mx = tx < eos
+    tx64 = tx.to(tl.int64)
+    kx_ptr = (tx64[:, None] * H + pid_h) * K + offs_k[None, :]
+    vx_ptr = (tx64[:, None] * H + pid_h) * V + offs_v[None, :]
+    mxk, mxv = mx[:, None] & mk[None, :], mx[:, None] & mv[None, :]
+    bx = tl.load(b_ptr + kx_ptr, mask=mxk, other=0.0)
+    dox = tl.load(do_ptr + vx_ptr, mask=mxv, other=0.0)
+    vx = tl.load(v_ptr + vx_ptr, mask=mxv, other=0.0)
+    dt = dox.dtype
+    # dq of rows X: blocks J < X through the reference point r_J, then the diagonal block.
+    dq = tl.zeros([BC, BK], tl.float32)
+    for J in range(X):
+        tj = bos + J * BC + offs_c
+        mj = tj < eos
+        tj64 = tj.to(tl.int64)
+        kj = tl.load(k_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
+                     mask=mj[:, None] & mk[None, :], other=0.0)
+        bj = tl.load(b_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
+                     mask=mj[:, None] & mk[None, :], other=0.0)
+        vj = tl.load(v_ptr + (tj64[:, None] * H + pid_h) * V + offs_v[None, :],
+                     mask=mj[:, None] & mv[None, :], other=0.0)
+        r = _row(b_ptr, bos, eos, 0, 0, J * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
+        da = tl.dot(dox, tl.trans(vj)) * scale
+        kg = (kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))).to(dt)
+        dq += tl.exp(tl.minimum(bx - r[None, :], 0.0)) * tl.dot(da.to(dt), kg)
+    da = tl.where(causal, tl.dot(dox, tl.trans(vx)), 0.0) * scale  # [i, j] within block X
+    for j in range(BC):
+        kr = _row(k_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+        br = _row(b_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+        dcol = tl.sum(tl.where(offs_c[None, :] == j, da, 0.0), 1)  # dA[:, j]
+        dq += dcol[:, None] * kr.to(tl.float32)[None, :] * tl.exp(
+            tl.minimum(bx - br[None, :], 0.0))
+    tl.store(dq_ptr + kx_ptr, dq, mask=mxk)
+    # dk of rows X: blocks I > X through r_X, then the diagonal block.
+    r = _row(b_ptr, bos, eos, 0, 0, X * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
+    dk = tl.zeros([BC, BK], tl.float32)
+    for I in range(X + 1, NB):
+        ti = bos + I * BC + offs_c
+        mi = ti < eos
+        ti64 = ti.to(tl.int64)
+        qi = tl.load(q_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
+                     mask=mi[:, None] & mk[None, :], other=0.0)
+        bi = tl.load(b_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
+                     mask=mi[:, None] & mk[None, :], other=0.0)
+        doi = tl.load(do_ptr + (ti64[:, None] * H + pid_h) * V + offs_v[None, :],
+                      mask=mi[:, None] & mv[None, :], other=0.0)
+        dat = tl.dot(vx, tl.trans(doi)) * scale  # [j in X, i in I]
+        qg = (qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))).to(dt)
+        dk += tl.dot(dat.to(dt), qg)
+    dk = dk * tl.exp(tl.minimum(r[None, :] - bx, 0.0))
+    for i in range(BC):
+        qr = _row(q_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
+        br = _row(b_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
+        drow = tl.sum(tl.where(offs_c[:, None] == i, da, 0.0), 0)  # dA[i, :] over j
+        dk += drow[:, None] * qr.to(tl.float32)[None, :] * tl.exp(
+            tl.minimum(br[None, :] - bx, 0.0))
+    tl.store(dk_ptr + kx_ptr, dk, mask=mxk)

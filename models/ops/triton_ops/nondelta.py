@@ -42,6 +42,11 @@ def _launch_opts(dtype, *tiles: int) -> dict:
                 num_stages=1 if dtype == torch.float32 else 2)
 
 
+def _gla_intra_v2() -> bool:
+    """``LINSCALE_GLA_INTRA=v2`` picks the row-block intra-chunk kernels (untimed so far)."""
+    return os.environ.get("LINSCALE_GLA_INTRA", "v1") == "v2"
+
+
 class _NonDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, gate, output_final_state):
@@ -68,9 +73,14 @@ class _NonDelta(torch.autograd.Function):
                                                             BT=bt, BK=bk)
             gf = bc
             a = torch.empty(TT, H, bt, **f32)
-            gla.gla_intra_fwd_kernel[(cgrp.n_groups, H)](
-                q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf, BKS=32,
-                num_warps=4, num_stages=1)
+            if _gla_intra_v2():
+                gla.gla_intra_fwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
+                    q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf,
+                    num_warps=4, num_stages=1)
+            else:
+                gla.gla_intra_fwd_kernel[(cgrp.n_groups, H)](
+                    q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf, BKS=32,
+                    num_warps=4, num_stages=1)
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
         st = _launch_opts(q.dtype, bk * bv)
@@ -117,9 +127,14 @@ class _NonDelta(torch.autograd.Function):
         if gate == 2:
             dqi = torch.empty(TT, H, K, **f32)
             dki = torch.empty(TT, H, K, **f32)
-            gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), cgrp.n_groups, H)](
-                q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V, BT=bt,
-                BC=16, BKS=32, BV=bvf, num_warps=4, num_stages=1)
+            if _gla_intra_v2():
+                gla.gla_intra_bwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
+                    q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V,
+                    BT=bt, BC=16, BK=bkf, BV=bvf, num_warps=4, num_stages=1)
+            else:
+                gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), cgrp.n_groups, H)](
+                    q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V,
+                    BT=bt, BC=16, BKS=32, BV=bvf, num_warps=4, num_stages=1)
         # With gates the dk kernel re-reads dq for the gate gradient: keep it in fp32 there
         # (a bf16 dq put the bf16 gate gradient at 1.01e-2 relative error on the H100 check).
         dq = torch.empty(TT, H, K, device=q.device, dtype=torch.float32 if gate else q.dtype)
