@@ -102,8 +102,15 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
                   max(1, n_chunks))
 
 
-def check_inputs(q, k, v, initial_state, cu_seqlens):
+def check_inputs(q, k, v, initial_state, cu_seqlens, *, g=None, gk=None, beta=None):
+    """Raise ValueError on shapes the kernels do not take (see models.ops for the API)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got {tuple(q.shape)}")
     B, T, H, K = q.shape
+    for name, t, want in (("g", g, (B, T, H)), ("gk", gk, (B, T, H, K)),
+                          ("beta", beta, (B, T, H))):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name} must be {want}, got {tuple(t.shape)}")
     V = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != (B, T, H):
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "

@@ -114,7 +114,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                            output_final_state=False, cu_seqlens=None):
     """Gated delta rule; same signature and return value as
     :func:`models.ops.reference.chunk_gated_delta_rule`."""
-    check_inputs(q, k, v, initial_state, cu_seqlens)
+    check_inputs(q, k, v, initial_state, cu_seqlens, g=g, beta=beta)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if scale is None:

@@ -173,7 +173,8 @@ class _NonDelta(torch.autograd.Function):
 def nondelta_attn(q, k, v, g, gate: int, *, scale=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None):
     """Shared entry of chunk_linear_attn (gate 0 or 1) and chunk_gla (gate 2); returns (o, ht)."""
-    check_inputs(q, k, v, initial_state, cu_seqlens)
+    check_inputs(q, k, v, initial_state, cu_seqlens, g=g if gate == 1 else None,
+                 gk=g if gate == 2 else None)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 0:
