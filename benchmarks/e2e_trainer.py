@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.layers.norm import RMSNorm  # noqa: E402
 from models.loss import chunked_cross_entropy  # noqa: E402
 
 PEAK = 729e12
@@ -41,10 +40,10 @@ class PlainBlock(nn.Module):
     def __init__(self, d: int, h: int, ffn: int) -> None:
         super().__init__()
         self.h, self.hd = h, d // h
-        self.n1, self.n2 = RMSNorm(d), RMSNorm(d)
+        self.n1, self.n2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
-        self.on = RMSNorm(self.hd)
+        self.on = nn.RMSNorm(self.hd, eps=1e-5)
         self.w13 = nn.Linear(d, 2 * ffn, bias=False)
         self.w2 = nn.Linear(ffn, d, bias=False)
 
@@ -64,7 +63,7 @@ class PlainModel(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(PlainBlock(d, h, ffn) for _ in range(layers))
-        self.norm = RMSNorm(d)
+        self.norm = nn.RMSNorm(d, eps=1e-5)
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)

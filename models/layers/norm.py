@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm"]
@@ -22,11 +23,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., dim]`` -> ``[..., dim]`` in x's dtype."""
-        cd = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(cd)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(cd)).to(x.dtype)
+        """x ``[..., dim]`` -> ``[..., dim]`` in x's dtype (fp32 accumulation inside).
+
+        ``F.rms_norm`` is one fused kernel on CUDA, where a hand-written fp32 chain costs
+        about six passes over the activations, three norms per block.
+        """
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

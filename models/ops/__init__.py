@@ -54,6 +54,12 @@ def triton_available() -> bool:
     return _triton_module() is not None
 
 
+def _no_autocast(x: torch.Tensor):
+    """The ops pick their own precisions (fp32 states, gates and WY products); an enclosing
+    autocast would silently turn their fp32 matmuls into bf16 ones."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _pick(name: str, x: torch.Tensor, backend: str):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -74,8 +80,18 @@ def _pick(name: str, x: torch.Tensor, backend: str):
     return getattr(reference, name)
 
 
-def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
-                      output_final_state=False, cu_seqlens=None, backend="auto"):
+def chunk_linear_attn(
+    q,
+    k,
+    v,
+    g=None,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    backend="auto",
+):
     """Linear attention without decay (``g is None``) or with scalar log decay ``g``.
 
     q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H]``; initial_state ``[B, H, K, V]``
@@ -83,27 +99,76 @@ def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
     ``[B, T, H, V]`` in v's dtype, ht the fp32 final state or None.
     """
     fn = _pick("chunk_linear_attn", q, backend)
-    return fn(q, k, v, g, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    with _no_autocast(q):
+        return fn(
+            q,
+            k,
+            v,
+            g,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
 
 
-def chunk_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None, backend="auto"):
+def chunk_gla(
+    q,
+    k,
+    v,
+    gk,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    backend="auto",
+):
     """Gated linear attention, per-key-channel log decay ``gk`` ``[B, T, H, K]``.
 
     Other arguments and the return value as :func:`chunk_linear_attn`.
     """
     fn = _pick("chunk_gla", q, backend)
-    return fn(q, k, v, gk, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    with _no_autocast(q):
+        return fn(
+            q,
+            k,
+            v,
+            gk,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                           output_final_state=False, cu_seqlens=None, backend="auto"):
+def chunk_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    backend="auto",
+):
     """Gated delta rule, scalar log decay ``g`` ``[B, T, H]`` (or None) and ``beta`` ``[B, T, H]``.
 
     Other arguments and the return value as :func:`chunk_linear_attn`.
     """
     fn = _pick("chunk_gated_delta_rule", q, backend)
-    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    with _no_autocast(q):
+        return fn(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
