@@ -18,9 +18,17 @@ pytestmark = [
 
 @pytest.mark.parametrize("variant", ["linear", "simple_gla", "gla", "gated_deltanet"])
 def test_bf16_training_lowers_the_loss(tmp_path, variant):
-    cfg = load_config(None, [f"model.linear_variant={variant}", "training.steps=25",
-                             "training.seq_len=1024", "logging.progress=false",
-                             f"logging.run_dir={tmp_path}", "checkpoint.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            f"model.linear_variant={variant}",
+            "training.steps=25",
+            "training.seq_len=1024",
+            "logging.progress=false",
+            f"logging.run_dir={tmp_path}",
+            "checkpoint.enabled=false",
+        ],
+    )
     tr = Trainer(cfg)
     assert tr.autocast_dtype == torch.bfloat16 and tr.device.type == "cuda"
     hist = tr.train()
@@ -32,8 +40,17 @@ def test_bf16_training_lowers_the_loss(tmp_path, variant):
 def test_triton_model_matches_reference_model(variant):
     """The 1B family (narrowed) with Triton kernels against the pure-torch ops, fp32."""
     torch.manual_seed(0)
-    args = get_preset("linear-llama3-1b", dim=512, n_layers=2, n_heads=4, ffn_dim=1024,
-                      vocab_size=1000, linear_variant=variant, kernel_backend="triton")
+    args = get_preset(
+        "linear-llama3-1b",
+        dim=512,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_dim=1024,
+        vocab_size=1000,
+        linear_variant=variant,
+        kernel_backend="triton",
+    )
     a = LinearLlama(args).cuda()
     ref_args = get_preset("linear-llama3-1b", **{**args.__dict__, "kernel_backend": "reference"})
     b = LinearLlama(ref_args).cuda()
@@ -43,7 +60,8 @@ def test_triton_model_matches_reference_model(variant):
     lb = b.loss(b(x), x) / x.numel()
     la.backward()
     lb.backward()
-    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+    # fp32 inputs, but the kernels use tf32 products: the issue allows 5e-3 relative there.
+    torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-4)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         rel = (p.grad - q.grad).norm() / q.grad.norm().clamp(min=1e-12)
         assert rel < 5e-3, (n, float(rel))
