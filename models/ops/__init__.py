@@ -16,6 +16,7 @@ the Triton interpreter on CPU with ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -39,12 +40,18 @@ __all__ = [
 ]
 
 _BACKENDS = ("auto", "triton", "reference")
+_WARNED: list[bool] = []
+
+
+_TRITON_ERROR: list[str] = []
 
 
 def _triton_module():
     try:
         from models.ops import triton_ops
-    except Exception:  # noqa: BLE001 - no triton, or a broken install: use the reference
+    except Exception as e:  # noqa: BLE001 - no triton, or a broken install: say so, once
+        if not _TRITON_ERROR:
+            _TRITON_ERROR.append(f"{type(e).__name__}: {e}")
         return None
     return triton_ops
 
@@ -76,7 +83,18 @@ def _pick(name: str, x: torch.Tensor, backend: str):
     if mod is not None:
         return getattr(mod, name)
     if backend == "triton":
-        raise RuntimeError("backend='triton' requested but the Triton kernels do not import")
+        raise RuntimeError(
+            f"backend='triton' requested but the Triton kernels do not import ({_TRITON_ERROR[0]})"
+        )
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            f"the Triton kernels do not import ({_TRITON_ERROR[0]}); {name} and the other "
+            "linear-attention ops run on the slow pure-torch reference on this GPU. Set "
+            "model.kernel_backend=reference to choose that on purpose.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return getattr(reference, name)
 
 

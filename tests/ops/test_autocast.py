@@ -26,3 +26,19 @@ def test_ops_are_autocast_agnostic(name):
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
     # Without the guard, autocast changes the result: the guard is doing real work.
     assert (raw.float() - plain).abs().max() > 1e-4
+
+
+def test_broken_triton_on_gpu_is_not_silent(monkeypatch):
+    """auto + CUDA tensors + kernels that fail to import: a warning names the error."""
+    monkeypatch.setattr(ops, "_triton_module", lambda: None)
+    monkeypatch.setattr(ops, "_TRITON_ERROR", ["ImportError: no triton"])
+    monkeypatch.setattr(ops, "_WARNED", [])
+
+    class FakeCuda:
+        is_cuda = True
+
+    with pytest.warns(RuntimeWarning, match="no triton"):
+        fn = ops._pick("chunk_linear_attn", FakeCuda(), "auto")
+    assert fn is reference.chunk_linear_attn
+    with pytest.raises(RuntimeError, match="no triton"):
+        ops._pick("chunk_linear_attn", FakeCuda(), "triton")
