@@ -75,8 +75,7 @@ def op_fn(op: str):
     if op == "gla":
         return lambda q, k, v, g: ops.chunk_gla(q, k, v, g, backend="triton")[0]
     if op == "gated_delta":
-        return lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b,
-                                                                backend="triton")[0]
+        return lambda q, k, v, g, b: ops.chunk_gated_delta_rule(q, k, v, g, b, backend="triton")[0]
     if op == "fla_linear":
         from fla.ops.linear_attn import chunk_linear_attn
 
@@ -109,10 +108,22 @@ def bench(op: str, B: int, T: int) -> dict:
     base = op.replace("fla_", "")
     fl_f, fl_fb, by_f, by_fb = roofline(base, B, T)
     return {
-        "op": op, "B": B, "T": T, "H": H, "K": D, "V": D, "fwd_ms": t_f, "fwdbwd_ms": t_fb,
-        "fwd_flops": fl_f, "fwdbwd_flops": fl_fb, "fwd_bytes": by_f, "fwdbwd_bytes": by_fb,
-        "fwd_tflops": fl_f / t_f / 1e9, "fwdbwd_tflops": fl_fb / t_fb / 1e9,
-        "fwd_tbps": by_f / t_f / 1e9, "fwdbwd_tbps": by_fb / t_fb / 1e9,
+        "op": op,
+        "B": B,
+        "T": T,
+        "H": H,
+        "K": D,
+        "V": D,
+        "fwd_ms": t_f,
+        "fwdbwd_ms": t_fb,
+        "fwd_flops": fl_f,
+        "fwdbwd_flops": fl_fb,
+        "fwd_bytes": by_f,
+        "fwdbwd_bytes": by_fb,
+        "fwd_tflops": fl_f / t_f / 1e9,
+        "fwdbwd_tflops": fl_fb / t_fb / 1e9,
+        "fwd_tbps": by_f / t_f / 1e9,
+        "fwdbwd_tbps": by_fb / t_fb / 1e9,
         "fwd_floor_ms": max(fl_f / PEAK_TFLOPS / 1e9, by_f / PEAK_TBPS / 1e9),
         "fwdbwd_floor_ms": max(fl_fb / PEAK_TFLOPS / 1e9, by_fb / PEAK_TBPS / 1e9),
     }
@@ -123,16 +134,28 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--ops", default="linear,fla_linear,scalar,gla,fla_gla,gated_delta")
     ap.add_argument("--shapes", default="all", help="all, or e.g. 8192,131072")
-    ap.add_argument("--sweep-group-tokens", default="",
-                    help="e.g. 1024,4096: extra rows of ours at T=128K with these group sizes")
-    ap.add_argument("--env-variants", default="",
-                    help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (linear, "
-                         "scalar and gla at the first shape) under that environment setting")
-    ap.add_argument("--profile", default=None,
-                    help="write a per-kernel CUDA-time breakdown of ours at the first shape here")
+    ap.add_argument(
+        "--sweep-group-tokens",
+        default="",
+        help="e.g. 1024,4096: extra rows of ours at T=128K with these group sizes",
+    )
+    ap.add_argument(
+        "--env-variants",
+        default="",
+        help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (linear, "
+        "scalar and gla at the first shape) under that environment setting",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="write a per-kernel CUDA-time breakdown of ours at the first shape here",
+    )
     args = ap.parse_args()
-    shapes = SHAPES if args.shapes == "all" else [
-        s for s in SHAPES if str(s[1]) in args.shapes.split(",")]
+    shapes = (
+        SHAPES
+        if args.shapes == "all"
+        else [s for s in SHAPES if str(s[1]) in args.shapes.split(",")]
+    )
     rows = []
     t0 = time.time()
 
@@ -168,12 +191,14 @@ def main() -> None:
             record(r)
         os.environ.pop(name)
     if args.profile:
-        profile(args.profile, [o for o in args.ops.split(",") if not o.startswith("fla")],
-                *shapes[0])
+        profile(
+            args.profile, [o for o in args.ops.split(",") if not o.startswith("fla")], *shapes[0]
+        )
     ops_list = args.ops.split(",")
     # ours first, theirs last: fla's autotuning takes minutes on a fresh machine
     order = [o for o in ops_list if not o.startswith("fla")] + [
-        o for o in ops_list if o.startswith("fla")]
+        o for o in ops_list if o.startswith("fla")
+    ]
     for op in order:
         for B, T in shapes:
             try:
@@ -182,8 +207,10 @@ def main() -> None:
                 r = {"op": op, "B": B, "T": T, "error": f"{type(exc).__name__}: {exc}"[:300]}
             record(r)
     by = {(r["op"], r["T"]): r for r in rows if "error" not in r}
-    print(f"\n{'op':<12}{'T':>7}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}{'f+b TB/s':>10}"
-          f"{'floor':>8}{'vs fla f':>10}{'vs fla fb':>10}")
+    print(
+        f"\n{'op':<12}{'T':>7}{'fwd ms':>9}{'f+b ms':>9}{'f+b TF/s':>10}{'f+b TB/s':>10}"
+        f"{'floor':>8}{'vs fla f':>10}{'vs fla fb':>10}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['op']:<12}{r['T']:>7}  ERROR {r['error'][:60]}")
@@ -191,9 +218,11 @@ def main() -> None:
         theirs = by.get(({"linear": "fla_linear", "gla": "fla_gla"}.get(r["op"], ""), r["T"]))
         rf = f"{r['fwd_ms'] / theirs['fwd_ms']:.2f}" if theirs else "-"
         rfb = f"{r['fwdbwd_ms'] / theirs['fwdbwd_ms']:.2f}" if theirs else "-"
-        print(f"{r['op']:<12}{r['T']:>7}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}"
-              f"{r['fwdbwd_tflops']:>10.1f}{r['fwdbwd_tbps']:>10.2f}{r['fwdbwd_floor_ms']:>8.3f}"
-              f"{rf:>10}{rfb:>10}")
+        print(
+            f"{r['op']:<12}{r['T']:>7}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}"
+            f"{r['fwdbwd_tflops']:>10.1f}{r['fwdbwd_tbps']:>10.2f}{r['fwdbwd_floor_ms']:>8.3f}"
+            f"{rf:>10}{rfb:>10}"
+        )
     if args.out:
         save(args.out, rows)
 
@@ -231,9 +260,13 @@ def save(path: str, rows: list) -> None:
     import triton
 
     meta = {
-        "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "fla": fla_v, "python": platform.python_version(),
-        "command": " ".join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla": fla_v,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "ceilings": {"bf16_tflops": PEAK_TFLOPS, "copy_tbps": PEAK_TBPS},
     }
     with open(path, "w") as f:

@@ -403,8 +403,11 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
 
 
 # Pipeline schedules that run several stages per rank, and how many they need.
-_PP_MULTI_STAGE = {"Interleaved1F1B": "at least", "InterleavedZeroBubble": "at least",
-                   "ZBVZeroBubble": "exactly"}
+_PP_MULTI_STAGE = {
+    "Interleaved1F1B": "at least",
+    "InterleavedZeroBubble": "at least",
+    "ZBVZeroBubble": "exactly",
+}
 # Schedules that keep stages busy with one forward and one backward in turn: they need at
 # least one microbatch per pipeline rank (torch.distributed.pipelining refuses fewer).
 _PP_1F1B_LIKE = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")

@@ -50,8 +50,9 @@ def test_report_bad_input(tmp_path):
 
 def test_sbatch_rendering(tmp_path):
     cfg = ROOT / "configs" / "linear_llama3_1b_sp.yaml"
-    text = render_sbatch(nodes=4, gpus_per_node=8, config=str(cfg),
-                         overrides=["parallel.sp=32"], partition="gpu")
+    text = render_sbatch(
+        nodes=4, gpus_per_node=8, config=str(cfg), overrides=["parallel.sp=32"], partition="gpu"
+    )
     assert "#SBATCH --nodes=4" in text and "--nproc-per-node=8" in text
     assert "#SBATCH --partition=gpu" in text and "--set parallel.sp=32" in text
     assert "NCCL_NVLS_ENABLE=0" in text
@@ -63,10 +64,27 @@ def test_sbatch_rendering(tmp_path):
 
 
 def test_cli_report_and_bench_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "report",
-                        str(results_file(tmp_path)), "--out", str(tmp_path / "x")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "report",
+            str(results_file(tmp_path)),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and (tmp_path / "x.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "nope"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "bench", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "kernels" in r.stderr and "Traceback" not in r.stderr

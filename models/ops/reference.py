@@ -199,8 +199,9 @@ def _run(q, k, v, g, gk, beta, scale, initial_state, output_final_state, cu_seql
         h0 = torch.zeros(n_seq, H, K, V, dtype=cd, device=q.device)
     else:
         if initial_state.shape != (n_seq, H, K, V):
-            raise ValueError(f"initial_state must be {(n_seq, H, K, V)}, got "
-                             f"{tuple(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must be {(n_seq, H, K, V)}, got {tuple(initial_state.shape)}"
+            )
         h0 = initial_state.to(cd)
     qc, kc, vc = (_to_chunks(x, cd) for x in (q, k, v))
     if beta is not None:
@@ -213,8 +214,9 @@ def _run(q, k, v, g, gk, beta, scale, initial_state, output_final_state, cu_seql
     return o.to(v.dtype), (ht if output_final_state else None)
 
 
-def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
-                      output_final_state=False, cu_seqlens=None):
+def chunk_linear_attn(
+    q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Linear attention, no decay (``g is None``) or scalar decay.
 
     Args:
@@ -230,8 +232,9 @@ def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
     return _run(q, k, v, g, None, None, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def chunk_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None):
+def chunk_gla(
+    q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Gated linear attention with per-key-channel log decay ``gk`` ``[B, T, H, K]``.
 
     Other arguments and the return value as :func:`chunk_linear_attn`.
@@ -239,8 +242,9 @@ def chunk_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state
     return _run(q, k, v, None, gk, None, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                           output_final_state=False, cu_seqlens=None):
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Gated delta rule: ``S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t``.
 
     g ``[B, T, H]`` log decay or None (plain delta rule), beta ``[B, T, H]``; k is used as

@@ -54,8 +54,12 @@ def _run(backend, variant, x, cu, wo, wh):
     import models.ops as ops
 
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    common = dict(initial_state=leaves["initial_state"], output_final_state=True, cu_seqlens=cu,
-                  backend=backend)
+    common = dict(
+        initial_state=leaves["initial_state"],
+        output_final_state=True,
+        cu_seqlens=cu,
+        backend=backend,
+    )
     q, k, v = leaves["q"], leaves["k"], leaves["v"]
     if variant == "linear":
         o, ht = ops.chunk_linear_attn(q, k, v, **common)

@@ -12,8 +12,9 @@ __all__ = ["VARIANTS", "make_inputs", "run_op", "naive_op", "check_against_naive
 VARIANTS = ("linear", "scalar", "gla", "delta", "gated_delta")
 
 
-def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, seed=0,
-                strong_gates=True):
+def make_inputs(
+    variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, seed=0, strong_gates=True
+):
     """Random inputs; gates ``logsigmoid(randn)``-style, a share of them strongly negative.
 
     With ``n_docs`` the batch is one packed sequence (B must be 1) with uneven documents
@@ -53,8 +54,7 @@ def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, see
     elif n_docs is not None:
         assert B == 1 and n_docs <= T
         cuts = torch.randperm(T - 1, generator=gen)[: n_docs - 1] + 1
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values,
-                        torch.tensor([T])])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([T])])
         n_state = n_docs
     x["initial_state"] = rn(n_state, H, K, V)
     x = {n: (t.to(dtype) if t is not None else None) for n, t in x.items()}
@@ -62,8 +62,12 @@ def make_inputs(variant, B, T, H, K, V, *, n_docs=None, dtype=torch.float64, see
 
 
 def _call(mod, variant, x, cu, with_state=True, **kw):
-    common = dict(initial_state=x["initial_state"] if with_state else None,
-                  output_final_state=with_state, cu_seqlens=cu, **kw)
+    common = dict(
+        initial_state=x["initial_state"] if with_state else None,
+        output_final_state=with_state,
+        cu_seqlens=cu,
+        **kw,
+    )
     if variant in ("linear", "scalar"):
         return mod.chunk_linear_attn(x["q"], x["k"], x["v"], x.get("g"), **common)
     if variant == "gla":
@@ -88,8 +92,11 @@ def naive_op(variant, x, cu, with_state=True):
 
 def _grads(fn, x, seed, with_state=True):
     """Forward + backward through a random loss on o and on ht; returns outputs and all grads."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()
-              if t is not None and (with_state or n != "initial_state")}
+    leaves = {
+        n: t.detach().clone().requires_grad_(True)
+        for n, t in x.items()
+        if t is not None and (with_state or n != "initial_state")
+    }
     o, ht = fn(leaves)
     gen = torch.Generator().manual_seed(seed + 1)
     wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
@@ -115,10 +122,13 @@ def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, **
     ``with_state=False`` calls both without initial_state and with output_final_state=False.
     """
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
-    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed,
-                 with_state)
-    got = _grads(lambda xs: run_op(mod, variant, {**x, **xs}, cu, with_state=with_state, **kw),
-                 x, seed, with_state)
+    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed, with_state)
+    got = _grads(
+        lambda xs: run_op(mod, variant, {**x, **xs}, cu, with_state=with_state, **kw),
+        x,
+        seed,
+        with_state,
+    )
     errs = {"o": rel_err(got[0], ref[0]), "ht": rel_err(got[1], ref[1])}
     for n in ref[2]:
         errs["d" + n] = rel_err(got[2][n], ref[2][n])

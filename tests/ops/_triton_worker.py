@@ -45,8 +45,7 @@ CASES = {
         ("gated_delta_varlen", "gated_delta", 1, 150, 2, 16, 16, 3, None, True),
         ("gated_delta_no_state", "gated_delta", 1, 65, 1, 16, 16, None, None, False),
         ("gated_delta_k256_v256", "gated_delta", 1, 70, 1, 256, 256, None, None, True),
-        ("gated_delta_empty_doc", "gated_delta", 1, 140, 1, 16, 16, [0, 64, 64, 140], None,
-         True),
+        ("gated_delta_empty_doc", "gated_delta", 1, 140, 1, 16, 16, [0, 64, 64, 140], None, True),
     ],
 }
 
@@ -63,11 +62,13 @@ def main(family: str) -> None:
         else:
             os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
         os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v1"
-        x, cu = make_inputs(variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32,
-                            seed=len(out) + 1)
+        x, cu = make_inputs(
+            variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
+        )
         try:
-            out[cid] = check_against_naive(mod, variant, x, cu, tol=float("inf"),
-                                           with_state=with_state)
+            out[cid] = check_against_naive(
+                mod, variant, x, cu, tol=float("inf"), with_state=with_state
+            )
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
             out[cid] = f"{type(exc).__name__}: {exc}"
     print("RESULT " + json.dumps(out))

@@ -17,8 +17,11 @@ def test_ops_are_autocast_agnostic(name):
     q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
     k = torch.nn.functional.normalize(k, dim=-1)
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H))
-    gates = {"chunk_linear_attn": (g,), "chunk_gla": (torch.nn.functional.logsigmoid(
-        torch.randn(B, T, H, K)),), "chunk_gated_delta_rule": (g, torch.rand(B, T, H))}[name]
+    gates = {
+        "chunk_linear_attn": (g,),
+        "chunk_gla": (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)),),
+        "chunk_gated_delta_rule": (g, torch.rand(B, T, H)),
+    }[name]
     plain, _ = getattr(ops, name)(q, k, v, *gates)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under, _ = getattr(ops, name)(q, k, v, *gates)

@@ -36,8 +36,7 @@ def test_cu_seqlens_empty_doc(variant):
 def test_fp32_close_and_dtype(variant):
     x, cu = make_inputs(variant, 1, 100, 2, 16, 16, dtype=torch.float32, seed=3)
     check_against_naive(reference, variant, x, cu, tol=1e-4, seed=3)
-    xb = {n: (t.bfloat16() if t is not None and n in ("q", "k", "v") else t)
-          for n, t in x.items()}
+    xb = {n: (t.bfloat16() if t is not None and n in ("q", "k", "v") else t) for n, t in x.items()}
     o, ht = run_op(reference, variant, xb, cu)
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
 

@@ -11,16 +11,35 @@ from models.ops.triton_ops.nondelta import nondelta_attn
 __all__ = ["chunk_linear_attn", "chunk_gla", "chunk_gated_delta_rule"]
 
 
-def chunk_linear_attn(q, k, v, g=None, *, scale=None, initial_state=None,
-                      output_final_state=False, cu_seqlens=None):
+def chunk_linear_attn(
+    q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """No decay (``g is None``) or scalar log decay ``g`` ``[B, T, H]``; returns ``(o, ht)``."""
-    return nondelta_attn(q, k, v, g, 0 if g is None else 1, scale=scale,
-                         initial_state=initial_state, output_final_state=output_final_state,
-                         cu_seqlens=cu_seqlens)
+    return nondelta_attn(
+        q,
+        k,
+        v,
+        g,
+        0 if g is None else 1,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
-def chunk_gla(q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None):
+def chunk_gla(
+    q, k, v, gk, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Per-key-channel log decay ``gk`` ``[B, T, H, K]``; returns ``(o, ht)``."""
-    return nondelta_attn(q, k, v, gk, 2, scale=scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return nondelta_attn(
+        q,
+        k,
+        v,
+        gk,
+        2,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

@@ -11,7 +11,6 @@ import triton
 __all__ = ["Groups", "make_groups", "check_inputs", "num_sms"]
 
 
-
 def _target_programs() -> int:
     """How many programs the per-group kernels aim for, so that one long sequence fills the GPU
     (env ``LINSCALE_KERNEL_TARGET_PROGRAMS``; ``LINSCALE_KERNEL_GROUP_TOKENS`` fixes the group
@@ -46,9 +45,16 @@ class Groups:
     n_chunks: int
 
 
-def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
-                programs_per_group: int, device: torch.device,
-                group_tokens: int | None = None) -> Groups:
+def make_groups(
+    B: int,
+    T: int,
+    cu_seqlens: torch.Tensor | None,
+    *,
+    chunk: int,
+    programs_per_group: int,
+    device: torch.device,
+    group_tokens: int | None = None,
+) -> Groups:
     """Cut every sequence into groups of ``group_tokens`` (a multiple of ``chunk``).
 
     The default size gives about ``_target_programs()`` programs when each group runs
@@ -97,9 +103,18 @@ def make_groups(B: int, T: int, cu_seqlens: torch.Tensor | None, *, chunk: int,
     else:
         n_chunks = sum(triton.cdiv(e - s, chunk) for s, e in zip(cu_list[:-1], cu_list[1:]))
     i32 = torch.int32
-    return Groups(bos.to(i32).contiguous(), eos.to(i32).contiguous(), seq_g0.to(i32).contiguous(),
-                  cu, n_seq, int(bos.numel()), group_tokens, varlen, c0.to(i32).contiguous(),
-                  max(1, n_chunks))
+    return Groups(
+        bos.to(i32).contiguous(),
+        eos.to(i32).contiguous(),
+        seq_g0.to(i32).contiguous(),
+        cu,
+        n_seq,
+        int(bos.numel()),
+        group_tokens,
+        varlen,
+        c0.to(i32).contiguous(),
+        max(1, n_chunks),
+    )
 
 
 def check_inputs(q, k, v, initial_state, cu_seqlens, *, g=None, gk=None, beta=None):
@@ -107,19 +122,18 @@ def check_inputs(q, k, v, initial_state, cu_seqlens, *, g=None, gk=None, beta=No
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K], got {tuple(q.shape)}")
     B, T, H, K = q.shape
-    for name, t, want in (("g", g, (B, T, H)), ("gk", gk, (B, T, H, K)),
-                          ("beta", beta, (B, T, H))):
+    for name, t, want in (("g", g, (B, T, H)), ("gk", gk, (B, T, H, K)), ("beta", beta, (B, T, H))):
         if t is not None and tuple(t.shape) != want:
             raise ValueError(f"{name} must be {want}, got {tuple(t.shape)}")
     V = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != (B, T, H):
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(
+            f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if K > 256 or V > 256:
         raise ValueError(f"K and V must be <= 256, got K={K}, V={V}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs B == 1, got B = {B}")
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (n, H, K, V):
-        raise ValueError(f"initial_state must be {(n, H, K, V)}, got "
-                         f"{tuple(initial_state.shape)}")
+        raise ValueError(f"initial_state must be {(n, H, K, V)}, got {tuple(initial_state.shape)}")

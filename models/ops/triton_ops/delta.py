@@ -19,6 +19,7 @@ from models.ops.triton_ops.common import check_inputs
 
 __all__ = ["chunk_gated_delta_rule", "unit_lower_inverse"]
 
+
 def _bv(S: int, V: int, device: torch.device) -> int:
     # The scan is sequential over chunks: with few sequences, narrower V tiles give more programs.
     sms = 4
@@ -43,9 +44,30 @@ class _DeltaScan(torch.autograd.Function):
         bv = _bv(S, V, u.device)
         grid = (triton.cdiv(V, bv), S)
         kern.delta_scan_fwd_kernel[grid](
-            u, w, qg, p, kd, gam, h0, o, ht, u, u, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
-            HAS_H0=True, STORE_O=True, STORE_FINAL=True, STORE_STATES=False,
-            num_warps=4 if K <= 128 else 8, num_stages=1)
+            u,
+            w,
+            qg,
+            p,
+            kd,
+            gam,
+            h0,
+            o,
+            ht,
+            u,
+            u,
+            NC,
+            C=C,
+            K=K,
+            V=V,
+            BK=_bk(K),
+            BV=bv,
+            HAS_H0=True,
+            STORE_O=True,
+            STORE_FINAL=True,
+            STORE_STATES=False,
+            num_warps=4 if K <= 128 else 8,
+            num_stages=1,
+        )
         ctx.save_for_backward(u, w, qg, p, kd, gam, h0)
         return o, ht
 
@@ -60,17 +82,56 @@ class _DeltaScan(torch.autograd.Function):
         hc = u.new_empty(S, NC, K, V)
         delta = torch.empty_like(u)
         kern.delta_scan_fwd_kernel[grid](
-            u, w, qg, p, kd, gam, h0, u, u, hc, delta, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
-            HAS_H0=True, STORE_O=False, STORE_FINAL=False, STORE_STATES=True, num_warps=nw,
-            num_stages=1)
+            u,
+            w,
+            qg,
+            p,
+            kd,
+            gam,
+            h0,
+            u,
+            u,
+            hc,
+            delta,
+            NC,
+            C=C,
+            K=K,
+            V=V,
+            BK=_bk(K),
+            BV=bv,
+            HAS_H0=True,
+            STORE_O=False,
+            STORE_FINAL=False,
+            STORE_STATES=True,
+            num_warps=nw,
+            num_stages=1,
+        )
         do = do.contiguous().float() if do is not None else torch.zeros_like(u)
         dd = torch.empty_like(u)
         dhc = torch.empty_like(hc)
         dh0 = torch.empty_like(h0)
         dhtc = dht.contiguous().float() if dht is not None else h0
         kern.delta_scan_bwd_kernel[grid](
-            w, qg, p, kd, gam, do, dhtc, dd, dhc, dh0, NC, C=C, K=K, V=V, BK=_bk(K), BV=bv,
-            HAS_DHT=dht is not None, num_warps=nw, num_stages=1)
+            w,
+            qg,
+            p,
+            kd,
+            gam,
+            do,
+            dhtc,
+            dd,
+            dhc,
+            dh0,
+            NC,
+            C=C,
+            K=K,
+            V=V,
+            BK=_bk(K),
+            BV=bv,
+            HAS_DHT=dht is not None,
+            num_warps=nw,
+            num_stages=1,
+        )
         hct = hc.transpose(-1, -2)
         dqg = do @ hct
         dp = (do @ delta.transpose(-1, -2)).tril()
@@ -106,12 +167,14 @@ def unit_lower_inverse(lmat: torch.Tensor, block: int = 16) -> torch.Tensor:
             acc = sum(lb[..., i, :, m, :] @ t[m][j] for m in range(j, i))
             t[i][j] = -(t[i][i] @ acc)
     zero = torch.zeros_like(t[0][0])
-    return torch.cat([torch.cat([t[i][j] if j <= i else zero for j in range(nb)], -1)
-                      for i in range(nb)], -2)
+    return torch.cat(
+        [torch.cat([t[i][j] if j <= i else zero for j in range(nb)], -1) for i in range(nb)], -2
+    )
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                           output_final_state=False, cu_seqlens=None):
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Gated delta rule; same signature and return value as
     :func:`models.ops.reference.chunk_gated_delta_rule`."""
     check_inputs(q, k, v, initial_state, cu_seqlens, g=g, beta=beta)
@@ -150,8 +213,15 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     def flat(x):
         return x.reshape(n_seq * H, NC, *x.shape[3:]).contiguous()
 
-    o, ht = _DeltaScan.apply(flat(u), flat(w), flat(qg), flat(p), flat(kd), flat(dec),
-                             h0.reshape(n_seq * H, K, V).contiguous())
+    o, ht = _DeltaScan.apply(
+        flat(u),
+        flat(w),
+        flat(qg),
+        flat(p),
+        flat(kd),
+        flat(dec),
+        h0.reshape(n_seq * H, K, V).contiguous(),
+    )
     o = ref._from_chunks(o.view(n_seq, H, NC, C, V))
     o = o[valid][None] if valid is not None else o[:, :T]
     ht = ht.view(n_seq, H, K, V) if output_final_state else None

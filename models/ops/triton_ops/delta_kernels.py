@@ -27,11 +27,29 @@ def _tile(ptr, s, c, NC, R: tl.constexpr, D: tl.constexpr, offs_r, offs_d, mr, m
 
 
 @triton.jit
-def delta_scan_fwd_kernel(u_ptr, w_ptr, qg_ptr, p_ptr, kd_ptr, gam_ptr, h0_ptr, o_ptr, ht_ptr,
-                          hc_ptr, dlt_ptr, NC, C: tl.constexpr, K: tl.constexpr,
-                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_H0: tl.constexpr, STORE_O: tl.constexpr,
-                          STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
+def delta_scan_fwd_kernel(
+    u_ptr,
+    w_ptr,
+    qg_ptr,
+    p_ptr,
+    kd_ptr,
+    gam_ptr,
+    h0_ptr,
+    o_ptr,
+    ht_ptr,
+    hc_ptr,
+    dlt_ptr,
+    NC,
+    C: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_O: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+):
     """Forward scan; optionally stores o, the final state, and for the backward the state at
     every chunk start ``hc`` ``[S, NC, K, V]`` and ``delta`` ``[S, NC, C, V]``."""
     pid_v, s = tl.program_id(0), tl.program_id(1)
@@ -70,10 +88,25 @@ def delta_scan_fwd_kernel(u_ptr, w_ptr, qg_ptr, p_ptr, kd_ptr, gam_ptr, h0_ptr, 
 
 
 @triton.jit
-def delta_scan_bwd_kernel(w_ptr, qg_ptr, p_ptr, kd_ptr, gam_ptr, do_ptr, dht_ptr, dd_ptr,
-                          dhc_ptr, dh0_ptr, NC, C: tl.constexpr, K: tl.constexpr,
-                          V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_DHT: tl.constexpr):
+def delta_scan_bwd_kernel(
+    w_ptr,
+    qg_ptr,
+    p_ptr,
+    kd_ptr,
+    gam_ptr,
+    do_ptr,
+    dht_ptr,
+    dd_ptr,
+    dhc_ptr,
+    dh0_ptr,
+    NC,
+    C: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+):
     """Reverse scan of the adjoint ``dh`` (of the state at each chunk end)::
 
         ddelta = p^T do + kd dh;   dh_prev = gam dh + qg^T do - w^T ddelta

@@ -23,27 +23,55 @@ __all__ = [
 
 
 @triton.jit
-def _blk(ptr, bos, eos, c, I: tl.constexpr, h, H: tl.constexpr, D: tl.constexpr, offs_d, md,
-         BT: tl.constexpr, BC: tl.constexpr):
+def _blk(
+    ptr,
+    bos,
+    eos,
+    c,
+    I: tl.constexpr,
+    h,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    offs_d,
+    md,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     t = bos + c * BT + I * BC + tl.arange(0, BC)
     mt = t < eos
     t64 = t.to(tl.int64)
-    x = tl.load(ptr + (t64[:, None] * H + h) * D + offs_d[None, :],
-                mask=mt[:, None] & md[None, :], other=0.0)
+    x = tl.load(
+        ptr + (t64[:, None] * H + h) * D + offs_d[None, :],
+        mask=mt[:, None] & md[None, :],
+        other=0.0,
+    )
     return x, t64, mt
 
 
 @triton.jit
-def _last(ptr, bos, eos, c, J: tl.constexpr, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk,
-          BT: tl.constexpr, BC: tl.constexpr):
+def _last(
+    ptr,
+    bos,
+    eos,
+    c,
+    J: tl.constexpr,
+    h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    offs_k,
+    mk,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     t = bos + c * BT + J * BC + BC - 1
     t = tl.minimum(t, eos - 1)  # rows past the end hold nothing, and are masked by the caller
     return tl.load(ptr + (t.to(tl.int64) * H + h) * K + offs_k, mask=mk, other=0.0)
 
 
 @triton.jit
-def chunk_cumsum_kernel(g_ptr, b_ptr, g_bos, g_eos, H: tl.constexpr, K: tl.constexpr,
-                        BT: tl.constexpr, BK: tl.constexpr):
+def chunk_cumsum_kernel(
+    g_ptr, b_ptr, g_bos, g_eos, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr
+):
     """b = in-chunk inclusive cumulative sum of the log gate ``[TT, H, K]``, fp32."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
@@ -65,9 +93,20 @@ def _diag_e(bi, bj, causal):
 
 
 @triton.jit
-def gla_intra_fwd_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.constexpr,
-                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         BKS: tl.constexpr):
+def gla_intra_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    a_ptr,
+    g_bos,
+    g_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKS: tl.constexpr,
+):
     """Unscaled fp32 scores A ``[TT, H, BT]`` (row t, column j of t's chunk; j > i unwritten)."""
     pid_g, pid_h = tl.program_id(0), tl.program_id(1)
     offs_c = tl.arange(0, BC)
@@ -86,8 +125,11 @@ def gla_intra_fwd_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.constex
                 qg = qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))
                 kg = kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))
                 a = tl.dot(qg, tl.trans(kg), input_precision="ieee")
-                tl.store(a_ptr + (ti[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :], a,
-                         mask=mi[:, None])
+                tl.store(
+                    a_ptr + (ti[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :],
+                    a,
+                    mask=mi[:, None],
+                )
             a = tl.zeros([BC, BC], tl.float32)
             for k0 in tl.static_range(0, BK, BKS):
                 offs_s = k0 + tl.arange(0, BKS)
@@ -97,15 +139,33 @@ def gla_intra_fwd_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.constex
                 bs, _, _ = _blk(b_ptr, bos, eos, c, I, pid_h, H, K, offs_s, ms, BT, BC)
                 e = _diag_e(bs, bs, causal)
                 a += tl.sum(qs.to(tl.float32)[:, None, :] * ks.to(tl.float32)[None, :, :] * e, 2)
-            tl.store(a_ptr + (ti[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :], a,
-                     mask=mi[:, None])
+            tl.store(
+                a_ptr + (ti[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :],
+                a,
+                mask=mi[:, None],
+            )
 
 
 @triton.jit
-def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_bos, g_eos,
-                         scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
-                         BV: tl.constexpr):
+def gla_intra_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKS: tl.constexpr,
+    BV: tl.constexpr,
+):
     """Intra-chunk parts of dq and dk (fp32 ``[TT, H, K]``) from ``dA = scale do v^T``."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tl.arange(0, BC)
@@ -130,12 +190,16 @@ def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_b
                     r = _last(b_ptr, bos, eos, c, J, pid_h, H, K, offs_k, mk, BT, BC)
                     kg = kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))
                     dq += tl.exp(tl.minimum(bi - r[None, :], 0.0)) * tl.dot(
-                        da, kg, input_precision="ieee")
+                        da, kg, input_precision="ieee"
+                    )
                 else:
                     e = _diag_e(bi, bj, causal) * tl.where(causal, da, 0.0)[:, :, None]
                     dq += tl.sum(e * kj.to(tl.float32)[None, :, :], 1)
-            tl.store(dq_ptr + (ti[:, None] * H + pid_h) * K + offs_k[None, :], dq,
-                     mask=mi[:, None] & mk[None, :])
+            tl.store(
+                dq_ptr + (ti[:, None] * H + pid_h) * K + offs_k[None, :],
+                dq,
+                mask=mi[:, None] & mk[None, :],
+            )
         for J in tl.static_range(NB):
             vj, tj, mj = _blk(v_ptr, bos, eos, c, J, pid_h, H, V, offs_v, mv, BT, BC)
             bj, _, _ = _blk(b_ptr, bos, eos, c, J, pid_h, H, K, offs_k, mk, BT, BC)
@@ -154,8 +218,11 @@ def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_b
                     e = _diag_e(bi, bj, causal) * tl.where(causal, da, 0.0)[:, :, None]
                     dk += tl.sum(e * qi.to(tl.float32)[:, None, :], 0)
             dk += dk_off * tl.exp(tl.minimum(r[None, :] - bj, 0.0))
-            tl.store(dk_ptr + (tj[:, None] * H + pid_h) * K + offs_k[None, :], dk,
-                     mask=mj[:, None] & mk[None, :])
+            tl.store(
+                dk_ptr + (tj[:, None] * H + pid_h) * K + offs_k[None, :],
+                dk,
+                mask=mj[:, None] & mk[None, :],
+            )
 
 
 # --- v2 (opt-in, LINSCALE_GLA_INTRA=v2; written after the last H100 run, not yet timed) ------
@@ -165,17 +232,40 @@ def gla_intra_bwd_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_b
 
 
 @triton.jit
-def _row(ptr, bos, eos, c, I: tl.constexpr, j, h, H: tl.constexpr, D: tl.constexpr, offs_d, md,
-         BT: tl.constexpr, BC: tl.constexpr):
+def _row(
+    ptr,
+    bos,
+    eos,
+    c,
+    I: tl.constexpr,
+    j,
+    h,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    offs_d,
+    md,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     # rows past the end are clamped to a real row: every use multiplies them by a zero
     t = tl.minimum(bos + c * BT + I * BC + j, eos - 1)
     return tl.load(ptr + (t.to(tl.int64) * H + h) * D + offs_d, mask=md, other=0.0)
 
 
 @triton.jit
-def gla_intra_fwd_v2_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.constexpr,
-                            K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                            BK: tl.constexpr):
+def gla_intra_fwd_v2_kernel(
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    a_ptr,
+    g_bos,
+    g_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Row block ``I`` of the unscaled scores A (see :func:`gla_intra_fwd_kernel`)."""
     I, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = tl.arange(0, BC)
@@ -199,25 +289,41 @@ def gla_intra_fwd_v2_kernel(q_ptr, k_ptr, b_ptr, a_ptr, g_bos, g_eos, H: tl.cons
         qg = (qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))).to(dt)
         kg = (kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))).to(dt)
         a = tl.dot(qg, tl.trans(kg))
-        tl.store(a_ptr + (ti64[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :], a,
-                 mask=mi[:, None])
+        tl.store(
+            a_ptr + (ti64[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :], a, mask=mi[:, None]
+        )
     a = tl.zeros([BC, BC], tl.float32)
     qf = qi.to(tl.float32)
     for j in range(BC):
         kr = _row(k_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
         br = _row(b_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
-        col = tl.sum(qf * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bi - br[None, :], 0.0)),
-                     1)
+        col = tl.sum(qf * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bi - br[None, :], 0.0)), 1)
         a = tl.where((offs_c[None, :] == j) & (offs_c[:, None] >= j), col[:, None], a)
-    tl.store(a_ptr + (ti64[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :], a,
-             mask=mi[:, None])
+    tl.store(
+        a_ptr + (ti64[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :], a, mask=mi[:, None]
+    )
 
 
 @triton.jit
-def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, g_bos, g_eos,
-                            scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                            BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr):
+def gla_intra_bwd_v2_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     """Block X of the intra-chunk dq (rows X) and dk (rows X), fp32 ``[TT, H, K]``."""
     X, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NB: tl.constexpr = BT // BC
@@ -243,12 +349,21 @@ def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, 
         tj = bos + J * BC + offs_c
         mj = tj < eos
         tj64 = tj.to(tl.int64)
-        kj = tl.load(k_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
-                     mask=mj[:, None] & mk[None, :], other=0.0)
-        bj = tl.load(b_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
-                     mask=mj[:, None] & mk[None, :], other=0.0)
-        vj = tl.load(v_ptr + (tj64[:, None] * H + pid_h) * V + offs_v[None, :],
-                     mask=mj[:, None] & mv[None, :], other=0.0)
+        kj = tl.load(
+            k_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
+            mask=mj[:, None] & mk[None, :],
+            other=0.0,
+        )
+        bj = tl.load(
+            b_ptr + (tj64[:, None] * H + pid_h) * K + offs_k[None, :],
+            mask=mj[:, None] & mk[None, :],
+            other=0.0,
+        )
+        vj = tl.load(
+            v_ptr + (tj64[:, None] * H + pid_h) * V + offs_v[None, :],
+            mask=mj[:, None] & mv[None, :],
+            other=0.0,
+        )
         r = _row(b_ptr, bos, eos, 0, 0, J * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
         da = tl.dot(dox, tl.trans(vj)) * scale
         kg = (kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))).to(dt)
@@ -258,8 +373,7 @@ def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, 
         kr = _row(k_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
         br = _row(b_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
         dcol = tl.sum(tl.where(offs_c[None, :] == j, da, 0.0), 1)  # dA[:, j]
-        dq += dcol[:, None] * kr.to(tl.float32)[None, :] * tl.exp(
-            tl.minimum(bx - br[None, :], 0.0))
+        dq += dcol[:, None] * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bx - br[None, :], 0.0))
     tl.store(dq_ptr + kx_ptr, dq, mask=mxk)
     # dk of rows X: blocks I > X through r_X, then the diagonal block.
     r = _row(b_ptr, bos, eos, 0, 0, X * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
@@ -268,12 +382,21 @@ def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, 
         ti = bos + I * BC + offs_c
         mi = ti < eos
         ti64 = ti.to(tl.int64)
-        qi = tl.load(q_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
-                     mask=mi[:, None] & mk[None, :], other=0.0)
-        bi = tl.load(b_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
-                     mask=mi[:, None] & mk[None, :], other=0.0)
-        doi = tl.load(do_ptr + (ti64[:, None] * H + pid_h) * V + offs_v[None, :],
-                      mask=mi[:, None] & mv[None, :], other=0.0)
+        qi = tl.load(
+            q_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
+            mask=mi[:, None] & mk[None, :],
+            other=0.0,
+        )
+        bi = tl.load(
+            b_ptr + (ti64[:, None] * H + pid_h) * K + offs_k[None, :],
+            mask=mi[:, None] & mk[None, :],
+            other=0.0,
+        )
+        doi = tl.load(
+            do_ptr + (ti64[:, None] * H + pid_h) * V + offs_v[None, :],
+            mask=mi[:, None] & mv[None, :],
+            other=0.0,
+        )
         dat = tl.dot(vx, tl.trans(doi)) * scale  # [j in X, i in I]
         qg = (qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))).to(dt)
         dk += tl.dot(dat.to(dt), qg)
@@ -282,6 +405,5 @@ def gla_intra_bwd_v2_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, 
         qr = _row(q_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
         br = _row(b_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
         drow = tl.sum(tl.where(offs_c[:, None] == i, da, 0.0), 0)  # dA[i, :] over j
-        dk += drow[:, None] * qr.to(tl.float32)[None, :] * tl.exp(
-            tl.minimum(br[None, :] - bx, 0.0))
+        dk += drow[:, None] * qr.to(tl.float32)[None, :] * tl.exp(tl.minimum(br[None, :] - bx, 0.0))
     tl.store(dk_ptr + kx_ptr, dk, mask=mxk)

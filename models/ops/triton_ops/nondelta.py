@@ -38,8 +38,9 @@ def _config(K: int, V: int):
 
 def _launch_opts(dtype, *tiles: int) -> dict:
     # fp32 tiles are twice the bytes: one pipeline stage keeps them inside shared memory.
-    return dict(num_warps=8 if max(tiles) >= 128 * 128 else 4,
-                num_stages=1 if dtype == torch.float32 else 2)
+    return dict(
+        num_warps=8 if max(tiles) >= 128 * 128 else 4, num_stages=1 if dtype == torch.float32 else 2
+    )
 
 
 def _gla_intra_v2() -> bool:
@@ -56,8 +57,7 @@ class _NonDelta(torch.autograd.Function):
         bt = _BT
         bkf, bvf, bk, bv = _config(K, V)
         nk, nv = triton.cdiv(K, bk), triton.cdiv(V, bv)
-        grp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H * nv,
-                          device=q.device)
+        grp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H * nv, device=q.device)
         G, N = grp.n_groups, grp.n_seq
         q, k, v = (x.contiguous().view(TT, H, -1) for x in (q, k, v))
         gf = g.contiguous().view(TT, H, *g.shape[3:]) if g is not None else q
@@ -66,40 +66,124 @@ class _NonDelta(torch.autograd.Function):
         cgrp = None
         if gate == 2:
             # The intra-chunk kernels need no state: one program per chunk (and head).
-            cgrp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H,
-                               device=q.device, group_tokens=bt)
+            cgrp = make_groups(
+                B, T, cu_seqlens, chunk=bt, programs_per_group=H, device=q.device, group_tokens=bt
+            )
             bc = torch.empty(TT, H, K, **f32)
-            gla.chunk_cumsum_kernel[(nk, cgrp.n_groups, H)](gf, bc, cgrp.bos, cgrp.eos, H=H, K=K,
-                                                            BT=bt, BK=bk)
+            gla.chunk_cumsum_kernel[(nk, cgrp.n_groups, H)](
+                gf, bc, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BK=bk
+            )
             gf = bc
             a = torch.empty(TT, H, bt, **f32)
             if _gla_intra_v2():
                 gla.gla_intra_fwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
-                    q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf,
-                    num_warps=4, num_stages=1)
+                    q,
+                    k,
+                    gf,
+                    a,
+                    cgrp.bos,
+                    cgrp.eos,
+                    H=H,
+                    K=K,
+                    BT=bt,
+                    BC=16,
+                    BK=bkf,
+                    num_warps=4,
+                    num_stages=1,
+                )
             else:
                 gla.gla_intra_fwd_kernel[(cgrp.n_groups, H)](
-                    q, k, gf, a, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BC=16, BK=bkf, BKS=32,
-                    num_warps=4, num_stages=1)
+                    q,
+                    k,
+                    gf,
+                    a,
+                    cgrp.bos,
+                    cgrp.eos,
+                    H=H,
+                    K=K,
+                    BT=bt,
+                    BC=16,
+                    BK=bkf,
+                    BKS=32,
+                    num_warps=4,
+                    num_stages=1,
+                )
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
         st = _launch_opts(q.dtype, bk * bv)
         kern.local_state_kernel[(nk * nv, G, H)](
-            k, v, gf, m, dl, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk, BV=bv,
-            GATE=gate, REVERSE=False, **st)
+            k,
+            v,
+            gf,
+            m,
+            dl,
+            grp.bos,
+            grp.eos,
+            scale,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bk,
+            BV=bv,
+            GATE=gate,
+            REVERSE=False,
+            **st,
+        )
         hs = torch.empty(G, H, K, V, **f32)
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else hs
         h0c = h0.contiguous() if h0 is not None else hs
         kern.group_scan_kernel[(nk * nv, N, H)](
-            m, dl, h0c, hs, ht, grp.seq_g0, H=H, K=K, V=V, BK=bk, BV=bv, GATE=gate,
-            REVERSE=False, HAS_H0=h0 is not None, STORE_FINAL=output_final_state)
+            m,
+            dl,
+            h0c,
+            hs,
+            ht,
+            grp.seq_g0,
+            H=H,
+            K=K,
+            V=V,
+            BK=bk,
+            BV=bv,
+            GATE=gate,
+            REVERSE=False,
+            HAS_H0=h0 is not None,
+            STORE_FINAL=output_final_state,
+        )
         o = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
         kern.fwd_o_kernel[(nv, G, H)](
-            q, k, v, gf, a, hs, o, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bkf,
-            BV=bv, GATE=gate, **_launch_opts(q.dtype, bkf * bv, bt * bkf))
+            q,
+            k,
+            v,
+            gf,
+            a,
+            hs,
+            o,
+            grp.bos,
+            grp.eos,
+            scale,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bkf,
+            BV=bv,
+            GATE=gate,
+            **_launch_opts(q.dtype, bkf * bv, bt * bkf),
+        )
         ctx.save_for_backward(q, k, v, gf, h0, a, hs, dl)
-        ctx.meta = (B, T, H, K, V, scale, gate, grp, cgrp,
-                    None if g is None else (g.shape, g.dtype))
+        ctx.meta = (
+            B,
+            T,
+            H,
+            K,
+            V,
+            scale,
+            gate,
+            grp,
+            cgrp,
+            None if g is None else (g.shape, g.dtype),
+        )
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
@@ -115,26 +199,92 @@ class _NonDelta(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         dm = torch.empty(G, H, K, V, **f32)
         kern.local_state_kernel[(nk * nv, G, H)](
-            q, do, gf, dm, dl, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bk, BV=bv,
-            GATE=gate, REVERSE=True, **_launch_opts(q.dtype, bk * bv))
+            q,
+            do,
+            gf,
+            dm,
+            dl,
+            grp.bos,
+            grp.eos,
+            scale,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bk,
+            BV=bv,
+            GATE=gate,
+            REVERSE=True,
+            **_launch_opts(q.dtype, bk * bv),
+        )
         he = torch.empty(G, H, K, V, **f32)
         dh0 = torch.empty(N, H, K, V, **f32)
         dhtc = dht.contiguous().float() if dht is not None else he
         kern.group_scan_kernel[(nk * nv, N, H)](
-            dm, dl, dhtc, he, dh0, grp.seq_g0, H=H, K=K, V=V, BK=bk, BV=bv, GATE=gate,
-            REVERSE=True, HAS_H0=dht is not None, STORE_FINAL=True)
+            dm,
+            dl,
+            dhtc,
+            he,
+            dh0,
+            grp.seq_g0,
+            H=H,
+            K=K,
+            V=V,
+            BK=bk,
+            BV=bv,
+            GATE=gate,
+            REVERSE=True,
+            HAS_H0=dht is not None,
+            STORE_FINAL=True,
+        )
         dqi = dki = q
         if gate == 2:
             dqi = torch.empty(TT, H, K, **f32)
             dki = torch.empty(TT, H, K, **f32)
             if _gla_intra_v2():
                 gla.gla_intra_bwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
-                    q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V,
-                    BT=bt, BC=16, BK=bkf, BV=bvf, num_warps=4, num_stages=1)
+                    q,
+                    k,
+                    v,
+                    gf,
+                    do,
+                    dqi,
+                    dki,
+                    cgrp.bos,
+                    cgrp.eos,
+                    scale,
+                    H=H,
+                    K=K,
+                    V=V,
+                    BT=bt,
+                    BC=16,
+                    BK=bkf,
+                    BV=bvf,
+                    num_warps=4,
+                    num_stages=1,
+                )
             else:
                 gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), cgrp.n_groups, H)](
-                    q, k, v, gf, do, dqi, dki, cgrp.bos, cgrp.eos, scale, H=H, K=K, V=V,
-                    BT=bt, BC=16, BKS=32, BV=bvf, num_warps=4, num_stages=1)
+                    q,
+                    k,
+                    v,
+                    gf,
+                    do,
+                    dqi,
+                    dki,
+                    cgrp.bos,
+                    cgrp.eos,
+                    scale,
+                    H=H,
+                    K=K,
+                    V=V,
+                    BT=bt,
+                    BC=16,
+                    BKS=32,
+                    BV=bvf,
+                    num_warps=4,
+                    num_stages=1,
+                )
         # With gates the dk kernel re-reads dq for the gate gradient: keep it in fp32 there
         # (a bf16 dq put the bf16 gate gradient at 1.01e-2 relative error on the H100 check).
         dq = torch.empty(TT, H, K, device=q.device, dtype=torch.float32 if gate else q.dtype)
@@ -150,14 +300,73 @@ class _NonDelta(torch.autograd.Function):
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
             opts["num_warps"] = int(os.environ.get("LINSCALE_KERNEL_GATED_BWD_WARPS", "4"))
         kern.bwd_dq_kernel[(nk, G, H)](
-            k, v, gf, do, dqi, hs, dq, hc, grp.bos, grp.eos, grp.c0, scale, H=H, K=K, V=V,
-            BT=bt, BK=bk, BV=bvf, GATE=gate, **opts)
+            k,
+            v,
+            gf,
+            do,
+            dqi,
+            hs,
+            dq,
+            hc,
+            grp.bos,
+            grp.eos,
+            grp.c0,
+            scale,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bk,
+            BV=bvf,
+            GATE=gate,
+            **opts,
+        )
         kern.bwd_dk_kernel[(nk, G, H)](
-            q, k, v, gf, do, dki, he, dq, hc, dk, dg, grp.bos, grp.eos, grp.c0, scale, TT, H=H,
-            K=K, V=V, BT=bt, BK=bk, BV=bvf, GATE=gate, **opts)
+            q,
+            k,
+            v,
+            gf,
+            do,
+            dki,
+            he,
+            dq,
+            hc,
+            dk,
+            dg,
+            grp.bos,
+            grp.eos,
+            grp.c0,
+            scale,
+            TT,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bk,
+            BV=bvf,
+            GATE=gate,
+            **opts,
+        )
         kern.bwd_dv_kernel[(nv, G, H)](
-            q, k, gf, do, a, he, dv, grp.bos, grp.eos, scale, H=H, K=K, V=V, BT=bt, BK=bkf,
-            BV=bv, GATE=gate, **_launch_opts(q.dtype, bkf * bv, bt * bkf))
+            q,
+            k,
+            gf,
+            do,
+            a,
+            he,
+            dv,
+            grp.bos,
+            grp.eos,
+            scale,
+            H=H,
+            K=K,
+            V=V,
+            BT=bt,
+            BK=bkf,
+            BV=bv,
+            GATE=gate,
+            **_launch_opts(q.dtype, bkf * bv, bt * bkf),
+        )
         dgo = None
         if gate:
             if gate == 1:
@@ -170,14 +379,26 @@ class _NonDelta(torch.autograd.Function):
         return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None
 
 
-def nondelta_attn(q, k, v, g, gate: int, *, scale=None, initial_state=None,
-                  output_final_state=False, cu_seqlens=None):
+def nondelta_attn(
+    q,
+    k,
+    v,
+    g,
+    gate: int,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+):
     """Shared entry of chunk_linear_attn (gate 0 or 1) and chunk_gla (gate 2); returns (o, ht)."""
-    check_inputs(q, k, v, initial_state, cu_seqlens, g=g if gate == 1 else None,
-                 gk=g if gate == 2 else None)
+    check_inputs(
+        q, k, v, initial_state, cu_seqlens, g=g if gate == 1 else None, gk=g if gate == 2 else None
+    )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 0:
         raise ValueError("T must be >= 1")
-    return _NonDelta.apply(q, k, v, g, initial_state, float(scale), cu_seqlens, gate,
-                           bool(output_final_state))
+    return _NonDelta.apply(
+        q, k, v, g, initial_state, float(scale), cu_seqlens, gate, bool(output_final_state)
+    )

@@ -41,14 +41,18 @@ def _rows(bos, eos, c, BT: tl.constexpr):
 
 @triton.jit
 def _load(ptr, t64, mt, h, H: tl.constexpr, D: tl.constexpr, offs, md):
-    return tl.load(ptr + (t64[:, None] * H + h) * D + offs[None, :],
-                   mask=mt[:, None] & md[None, :], other=0.0)
+    return tl.load(
+        ptr + (t64[:, None] * H + h) * D + offs[None, :], mask=mt[:, None] & md[None, :], other=0.0
+    )
 
 
 @triton.jit
 def _store(ptr, val, t64, mt, h, H: tl.constexpr, D: tl.constexpr, offs, md):
-    tl.store(ptr + (t64[:, None] * H + h) * D + offs[None, :], val.to(ptr.dtype.element_ty),
-             mask=mt[:, None] & md[None, :])
+    tl.store(
+        ptr + (t64[:, None] * H + h) * D + offs[None, :],
+        val.to(ptr.dtype.element_ty),
+        mask=mt[:, None] & md[None, :],
+    )
 
 
 @triton.jit
@@ -58,10 +62,24 @@ def _state_ptrs(ptr, idx, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, 
 
 
 @triton.jit
-def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
-                       REVERSE: tl.constexpr):
+def local_state_kernel(
+    x_ptr,
+    y_ptr,
+    g_ptr,
+    m_ptr,
+    dl_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
     """Group-local state from a zero start. Forward: ``M = sum_c decay * (k e^(bl-b))^T v``.
     REVERSE (adjoint): ``dM = scale * sum_c decay * (q e^b)^T do``, chunks last to first.
     x = k or q ``[TT, H, K]``, y = v or do ``[TT, H, V]``; writes M ``[G, H, K, V]`` and the
@@ -102,8 +120,11 @@ def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
         acc += tl.dot(tl.trans(x.to(y.dtype)), y)
     if REVERSE:
         acc = acc * scale
-    tl.store(_state_ptrs(m_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v), acc,
-             mask=mk[:, None] & mv[None, :])
+    tl.store(
+        _state_ptrs(m_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        acc,
+        mask=mk[:, None] & mv[None, :],
+    )
     if GATE == 2:  # noqa: SIM102 - constexpr branch around a runtime one
         if pid_kv % NV == 0:
             tl.store(dl_ptr + (pid_g.to(tl.int64) * H + pid_h) * K + offs_k, dl, mask=mk)
@@ -113,10 +134,23 @@ def local_state_kernel(x_ptr, y_ptr, g_ptr, m_ptr, dl_ptr, g_bos, g_eos, scale,
 
 
 @triton.jit
-def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr,
-                      HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
+def group_scan_kernel(
+    m_ptr,
+    dl_ptr,
+    h0_ptr,
+    hs_ptr,
+    hn_ptr,
+    seq_g0,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+):
     """Scan over one sequence's groups: ``hs[g] = h; h = exp(dl[g]) h + M[g]`` (REVERSE: from
     the last group, hs then holds the adjoint at each group's end). h starts at h0[n] (or dht,
     or zeros); the end value goes to hn[n] (the final state, or dh0)."""
@@ -127,8 +161,9 @@ def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
     msk = (offs_k < K)[:, None] & (offs_v < V)[None, :]
     g0, g1 = tl.load(seq_g0 + n), tl.load(seq_g0 + n + 1)
     if HAS_H0:
-        h = tl.load(_state_ptrs(h0_ptr, n, pid_h, H, K, V, offs_k, offs_v), mask=msk,
-                    other=0.0).to(tl.float32)
+        h = tl.load(_state_ptrs(h0_ptr, n, pid_h, H, K, V, offs_k, offs_v), mask=msk, other=0.0).to(
+            tl.float32
+        )
     else:
         h = tl.zeros([BK, BV], tl.float32)
     for i in range(g1 - g0):
@@ -138,8 +173,9 @@ def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
         if GATE == 1:
             h = h * tl.exp(tl.load(dl_ptr + g.to(tl.int64) * H + pid_h))
         elif GATE == 2:
-            d = tl.load(dl_ptr + (g.to(tl.int64) * H + pid_h) * K + offs_k, mask=offs_k < K,
-                        other=0.0)
+            d = tl.load(
+                dl_ptr + (g.to(tl.int64) * H + pid_h) * K + offs_k, mask=offs_k < K, other=0.0
+            )
             h = h * tl.exp(d)[:, None]
         h = h + m
     if STORE_FINAL:
@@ -147,8 +183,9 @@ def group_scan_kernel(m_ptr, dl_ptr, h0_ptr, hs_ptr, hn_ptr, seq_g0,
 
 
 @triton.jit
-def _gates(g_ptr, t64, mt, tl64, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk,
-           GATE: tl.constexpr):
+def _gates(
+    g_ptr, t64, mt, tl64, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk, GATE: tl.constexpr
+):
     """In-chunk inclusive cumulative log gate b and its chunk total bl. GATE 1: from the raw
     scalar gate; GATE 2: g_ptr holds the fp32 in-chunk cumulative gate (chunk_cumsum_kernel)."""
     if GATE == 2:
@@ -161,9 +198,25 @@ def _gates(g_ptr, t64, mt, tl64, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk
 
 
 @triton.jit
-def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos, scale,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+def fwd_o_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    a_ptr,
+    hs_ptr,
+    o_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+):
     """``o = scale (q e^b h + A v)`` chunk by chunk from the group's incoming state (BK >= K)."""
     pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
@@ -172,8 +225,11 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
     mk, mv = offs_k < K, offs_v < V
     causal = offs_t[:, None] >= offs_t[None, :]
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
-                mask=mk[:, None] & mv[None, :], other=0.0)
+    h = tl.load(
+        _state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
     for c in range(tl.cdiv(eos - bos, BT)):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
@@ -194,8 +250,11 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
                 kg = (k * tl.exp(bl - b)[:, None]).to(dt)
                 h = h * tl.exp(bl)
             else:
-                a = tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
-                            mask=mt[:, None] & causal, other=0.0)
+                a = tl.load(
+                    a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
+                    mask=mt[:, None] & causal,
+                    other=0.0,
+                )
                 o = tl.dot((q * tl.exp(b)).to(dt), h.to(dt))
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
                 h = h * tl.exp(bl)[:, None]
@@ -205,9 +264,27 @@ def fwd_o_kernel(q_ptr, k_ptr, v_ptr, g_ptr, a_ptr, hs_ptr, o_ptr, g_bos, g_eos,
 
 
 @triton.jit
-def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, hc_ptr, g_bos, g_eos,
-                  g_c0, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+def bwd_dq_kernel(
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    do_ptr,
+    dqi_ptr,
+    hs_ptr,
+    dq_ptr,
+    hc_ptr,
+    g_bos,
+    g_eos,
+    g_c0,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+):
     """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V). With gates,
     also stores each chunk's end state ``hc`` ``[NC, H, K, V]`` for the gate gradient."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -218,8 +295,11 @@ def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, hc_ptr, 
     causal = offs_t[:, None] >= offs_t[None, :]
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     c0 = tl.load(g_c0 + pid_g)
-    h = tl.load(_state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
-                mask=mk[:, None] & mv[None, :], other=0.0)
+    h = tl.load(
+        _state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
     for c in range(tl.cdiv(eos - bos, BT)):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
@@ -249,15 +329,39 @@ def bwd_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, dqi_ptr, hs_ptr, dq_ptr, hc_ptr, 
         _store(dq_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)
         h += tl.dot(tl.trans(kg), v)
         if GATE != 0:
-            tl.store(_state_ptrs(hc_ptr, c0 + c, pid_h, H, K, V, offs_k, offs_v),
-                     h.to(hc_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+            tl.store(
+                _state_ptrs(hc_ptr, c0 + c, pid_h, H, K, V, offs_k, offs_v),
+                h.to(hc_ptr.dtype.element_ty),
+                mask=mk[:, None] & mv[None, :],
+            )
 
 
 @triton.jit
-def bwd_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dq_ptr, hc_ptr, dk_ptr,
-                  dg_ptr, g_bos, g_eos, g_c0, scale, TT, H: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  GATE: tl.constexpr):
+def bwd_dk_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    do_ptr,
+    dki_ptr,
+    he_ptr,
+    dq_ptr,
+    hc_ptr,
+    dk_ptr,
+    dg_ptr,
+    g_bos,
+    g_eos,
+    g_c0,
+    scale,
+    TT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+):
     """``dk = e^(bl-b) v dH^T + scale (v do^T * D^T) q``, backward over chunks from the adjoint
     at the group's end (BV >= V).
 
@@ -273,8 +377,11 @@ def bwd_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dq_ptr, h
     anti = offs_t[:, None] <= offs_t[None, :]  # rows j, cols i >= j
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     c0 = tl.load(g_c0 + pid_g)
-    dh = tl.load(_state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
-                 mask=mk[:, None] & mv[None, :], other=0.0)
+    dh = tl.load(
+        _state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
@@ -289,8 +396,11 @@ def bwd_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dq_ptr, h
             qg = q
         else:
             b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
-            hc = tl.load(_state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
-                         mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            hc = tl.load(
+                _state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
+                mask=mk[:, None] & mv[None, :],
+                other=0.0,
+            ).to(tl.float32)
             tail = tl.sum(hc * dh, 1)  # [BK]: d loss / d (log-scale of the chunk-end state)
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
@@ -310,15 +420,33 @@ def bwd_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dki_ptr, he_ptr, dq_ptr, h
             if GATE == 2:
                 _store(dg_ptr, dg, t64, mt, pid_h, H, K, offs_k, mk)
             else:
-                tl.store(dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, tl.sum(dg, 1), mask=mt)
+                tl.store(
+                    dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, tl.sum(dg, 1), mask=mt
+                )
         _store(dk_ptr, dk, t64, mt, pid_h, H, K, offs_k, mk)
         dh += scale * tl.dot(tl.trans(qg), do)
 
 
 @triton.jit
-def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_eos, scale,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr):
+def bwd_dv_kernel(
+    q_ptr,
+    k_ptr,
+    g_ptr,
+    do_ptr,
+    a_ptr,
+    he_ptr,
+    dv_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+):
     """``dv = scale A^T do + (k e^(bl-b)) dH``, backward over chunks (BK >= K)."""
     pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
@@ -327,8 +455,11 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
     mk, mv = offs_k < K, offs_v < V
     anti = offs_t[:, None] <= offs_t[None, :]
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    dh = tl.load(_state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
-                 mask=mk[:, None] & mv[None, :], other=0.0)
+    dh = tl.load(
+        _state_ptrs(he_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
@@ -347,9 +478,13 @@ def bwd_dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, a_ptr, he_ptr, dv_ptr, g_bos, g_e
                 kg = k  # its decay to the chunk end scales whole rows of dv: applied below
                 qg = (q * tl.exp(b)[:, None]).to(dt)
             else:
-                at = tl.trans(tl.load(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
-                                      mask=mt[:, None] & (offs_t[:, None] >= offs_t[None, :]),
-                                      other=0.0))
+                at = tl.trans(
+                    tl.load(
+                        a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :],
+                        mask=mt[:, None] & (offs_t[:, None] >= offs_t[None, :]),
+                        other=0.0,
+                    )
+                )
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
                 qg = (q * tl.exp(b)).to(dt)
         # dh is the adjoint of the state at this chunk's end: use it, then carry it back.
