@@ -33,6 +33,7 @@ class ParallelDims:
     sp: int = 1
     world_size: int = 1
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _flat: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("pp", "sp", "world_size"):
@@ -87,7 +88,9 @@ class ParallelDims:
             mesh = init_device_mesh(
                 device_type, (self.pp, self.dp, self.sp), mesh_dim_names=("pp", "dp", "sp")
             )
-            mesh["dp", "sp"]._flatten(mesh_dim_name="dp_sp")
+            # Keep the flattened view ourselves: slicing it back out of the root mesh is
+            # deprecated in recent torch.
+            self._flat = {"dp_sp": mesh["dp", "sp"]._flatten(mesh_dim_name="dp_sp")}
             self._mesh = mesh
         return self._mesh
 
@@ -101,12 +104,18 @@ class ParallelDims:
     def non_data_parallel_size(self) -> int:
         return self.pp * self.sp
 
+    def submesh(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of one axis (``"pp"``, ``"dp"``, ``"sp"``) or the flattened ``"dp_sp"``."""
+        if name in self._flat:
+            return self._flat[name]
+        return self.mesh[name]
+
     def group(self, name: str) -> dist.ProcessGroup:
         """The process group of one mesh axis (``"pp"``, ``"dp"``, ``"sp"``) or ``"dp_sp"``."""
-        return self.mesh[name].get_group()
+        return self.submesh(name).get_group()
 
     def local_rank_in(self, name: str) -> int:
-        return self.mesh[name].get_local_rank()
+        return self.submesh(name).get_local_rank()
 
     @staticmethod
     def device_type() -> str:

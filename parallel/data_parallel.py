@@ -67,7 +67,7 @@ def apply_fsdp(model: nn.Module, dims, *, reshard_after_forward: bool | None = N
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    mesh = dims.mesh["dp_sp"]
+    mesh = dims.submesh("dp_sp")
     if reshard_after_forward is None:
         reshard_after_forward = not dims.pp_enabled
     for block in model.layers.values():
