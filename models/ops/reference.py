@@ -19,7 +19,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "chunk_linear_attn", "chunk_gla", "chunk_gated_delta_rule"]
+# The per-token forms (the fp64 ground truth) live in naive.py; they are offered here too so
+# that one module holds both pure-torch forms of every op.
+from models.ops.naive import (
+    naive_gated_delta_rule,
+    naive_gla,
+    naive_linear_attn,
+    naive_recurrence,
+)
+
+__all__ = [
+    "CHUNK",
+    "chunk_gated_delta_rule",
+    "chunk_gla",
+    "chunk_linear_attn",
+    "naive_gated_delta_rule",
+    "naive_gla",
+    "naive_linear_attn",
+    "naive_recurrence",
+]
 
 CHUNK = 64
 _SUB = 8  # sub-chunk of the per-channel-gate path
