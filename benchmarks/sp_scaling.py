@@ -189,6 +189,7 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
             group=group,
             layout=layout,
             linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2",
+            lasp2_schedule=args.lasp2_schedule,
         )
     T = cfg["seq_len"]
     gen = torch.Generator(device=device).manual_seed(1)
@@ -352,6 +353,13 @@ def main() -> None:
         default="ddp",
         help="gradient sum over the SP group: DDP (overlapped with the backward) "
         "or a bucketed all-reduce after it (the trainer's way)",
+    )
+    p.add_argument(
+        "--lasp2-schedule",
+        choices=("overlap", "serial"),
+        default="overlap",
+        help="LASP-2 for linear/scalar/GLA: overlap the intra op with the AllGather and add the "
+        "cross term, or AllGather first and run the op once from the incoming state",
     )
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after each row)")
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo)")

@@ -72,6 +72,10 @@ class ParallelConfig:
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     """How a sequence is split over the SP group: contiguous slices, or zigzag (2*sp slices,
     rank r holds r and 2*sp-1-r) to balance causal softmax work in hybrids."""
+    lasp2_schedule: Literal["overlap", "serial"] = "overlap"
+    """LASP-2 for the linear/scalar/GLA layers: overlap (the intra-slice op from a zero state
+    runs while the state AllGather flies, then the incoming-state term is added) or serial
+    (AllGather first, then one op call from the incoming state: no separate cross term)."""
     pp_schedule: Literal[
         "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"
     ] = "1F1B"

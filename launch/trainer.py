@@ -138,6 +138,7 @@ class Trainer:
                 layout=p.layout,
                 activation_checkpointing=p.activation_checkpointing,
                 checkpoint_every=p.checkpoint_every,
+                lasp2_schedule=p.lasp2_schedule,
                 fsdp=p.fsdp,
             )
             self.model_parts = [model]

@@ -38,6 +38,7 @@ from parallel.sequence_shard import (
 )
 
 __all__ = [
+    "SCHEDULES",
     "lasp2_linear_attn",
     "lasp2_gla",
     "lasp2_gated_delta_rule",
@@ -243,25 +244,27 @@ def cross_term(q_x: torch.Tensor, s_in: torch.Tensor, cd: torch.dtype) -> torch.
     return out + torch.einsum("nthk,nhkv->nthv", q_x, lo).to(s_in.dtype)
 
 
-def affine_pieces(kind: str, q, k, v, gate, *, scale: float):
+def affine_pieces(kind: str, q, k, v, gate, *, scale: float, with_q: bool = True):
     """Pieces of the decay variants from torch ops.
 
     q, k ``[N, T, H, K]``, v ``[N, T, H, V]``, gate ``g`` ``[N, T, H]`` (scalar), ``gk``
     ``[N, T, H, K]`` (vector) or None. Returns ``A`` (None / ``[N, H]`` / ``[N, H, K]``) and
     ``M`` ``[N, H, K, V]`` in the state dtype, and ``q_x`` ``[N, T, H, K]`` (compute dtype)
-    with ``o_cross = q_x S_in``. Gates are cumulated in fp32 (fp64 for fp64).
+    with ``o_cross = q_x S_in`` (None when ``with_q`` is False). Gates are cumulated in fp32
+    (fp64 for fp64).
     """
     sd, cd = state_dtype(q), compute_dtype(q)
     k, v = k.to(cd), v.to(cd)
     if kind == "none":
-        return None, torch.einsum("nthk,nthv->nhkv", k, v).to(sd), q.to(cd) * scale
+        M = torch.einsum("nthk,nthv->nhkv", k, v).to(sd)
+        return None, M, (q.to(cd) * scale if with_q else None)
     gc = gate.to(sd).cumsum(1)
     gT = gc[:, -1]
     to_end, from_start = (gT[:, None] - gc).exp(), gc.exp() * scale
     if kind == "scalar":
         to_end, from_start = to_end[..., None], from_start[..., None]
     M = torch.einsum("nthk,nthv->nhkv", (k * to_end).to(cd), v).to(sd)
-    return gT.exp(), M, (q * from_start).to(cd)
+    return gT.exp(), M, ((q * from_start).to(cd) if with_q else None)
 
 
 def _check(q, k, v, layout: str, n: int) -> None:
@@ -276,7 +279,14 @@ def _check(q, k, v, layout: str, n: int) -> None:
         )
 
 
-def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op):
+SCHEDULES = ("overlap", "serial")
+
+
+def _lasp2(
+    family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op, schedule: str = "overlap"
+):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n = slots_per_rank(layout)
     _check(q, k, v, layout, n)
     rank, world = group_info(group)
@@ -304,7 +314,14 @@ def _lasp2(family: str, q, k, v, gates: tuple, *, group, layout: str, scale, op)
     else:
         gate = gs[0]
         kind = "none" if gate is None else ("scalar" if family == "linear_attn" else "vector")
-        A, M, q_x = affine_pieces(kind, qs, ks, vs, gate, scale=scale)
+        A, M, q_x = affine_pieces(kind, qs, ks, vs, gate, scale=scale, with_q=schedule == "overlap")
+    if schedule == "serial" and family != "gated_delta_rule":
+        # Gather first (a few MB, tens of microseconds), then ONE op call from S_in: no
+        # separate cross term (its fp32 passes over [T, H, V] and their backward).
+        st = _FoldState(kind, K, V, rank, world, layout, group)
+        pieces = _LaunchGather.apply(_pack(A, M).unflatten(0, (n, B)), st)
+        s_in = _FinishGather.apply(pieces, st).flatten(0, 1)  # [n * B, H, K, V]
+        return merge_slots(op(qs, ks, vs, *gs, scale=scale, initial_state=s_in)[0], n)
     st = _FoldState(kind, K, V, rank, world, layout, group)
     pieces = _LaunchGather.apply(_pack(A, M).unflatten(0, (n, B)), st)
     if family != "gated_delta_rule":
@@ -324,6 +341,7 @@ def lasp2_linear_attn(
     layout: str = "contiguous",
     scale: float | None = None,
     op=None,
+    schedule: str = "overlap",
 ) -> torch.Tensor:
     """Linear attention (``g`` None) or scalar decay over the SP group's sequence.
 
@@ -334,11 +352,26 @@ def lasp2_linear_attn(
         layout: ``"contiguous"`` or ``"zigzag"`` (see :mod:`parallel.sequence_shard`).
         scale: defaults to ``K ** -0.5``.
         op: the single-device op (default: :func:`resolve_op`).
+        schedule: ``"overlap"`` (default): the intra-slice op runs from a zero state while the
+            AllGather flies, then the incoming state's term ``q_x S_in`` is added;
+            ``"serial"``: AllGather first, then one op call from ``S_in`` (no separate cross
+            term; the collective is exposed but tiny). Both are exact.
 
     Returns:
         ``o`` ``[B, T_local, H, V]``, equal to this shard of the single-device output.
     """
-    return _lasp2("linear_attn", q, k, v, (g,), group=group, layout=layout, scale=scale, op=op)
+    return _lasp2(
+        "linear_attn",
+        q,
+        k,
+        v,
+        (g,),
+        group=group,
+        layout=layout,
+        scale=scale,
+        op=op,
+        schedule=schedule,
+    )
 
 
 def lasp2_gla(
@@ -351,9 +384,12 @@ def lasp2_gla(
     layout: str = "contiguous",
     scale: float | None = None,
     op=None,
+    schedule: str = "overlap",
 ) -> torch.Tensor:
     """GLA (per-key-channel decay ``gk`` ``[B, T_local, H, K]``); see :func:`lasp2_linear_attn`."""
-    return _lasp2("gla", q, k, v, (gk,), group=group, layout=layout, scale=scale, op=op)
+    return _lasp2(
+        "gla", q, k, v, (gk,), group=group, layout=layout, scale=scale, op=op, schedule=schedule
+    )
 
 
 def lasp2_gated_delta_rule(

@@ -20,13 +20,16 @@ def parallelize_model(
     layout: str = "contiguous",
     activation_checkpointing: str = "none",
     checkpoint_every: int = 2,
+    lasp2_schedule: str = "overlap",
     fsdp: bool = False,
 ) -> nn.Module:
     """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place."""
     if dims.sp_enabled:
         from parallel.sequence_parallel import apply_sequence_parallel
 
-        apply_sequence_parallel(model, group=dims.group("sp"), layout=layout)
+        apply_sequence_parallel(
+            model, group=dims.group("sp"), layout=layout, lasp2_schedule=lasp2_schedule
+        )
     apply_activation_checkpointing(model, mode=activation_checkpointing, every=checkpoint_every)
     if fsdp and dims.world_size > 1:
         from parallel.data_parallel import apply_fsdp

@@ -237,7 +237,7 @@ def build_pipeline(
             p.pp_schedule,
             p.activation_checkpointing,
         )
-    extra = {"checkpoint_every": p.checkpoint_every}
+    extra = {"checkpoint_every": p.checkpoint_every, "lasp2_schedule": p.lasp2_schedule}
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
         build_stage_module(

@@ -65,6 +65,7 @@ def apply_sequence_parallel(
     group: dist.ProcessGroup | None,
     layout: str = "contiguous",
     linear_impl: str = "lasp2",
+    lasp2_schedule: str = "overlap",
 ) -> nn.Module:
     """Swap every SP-relevant hook of ``model`` in place and return it.
 
@@ -75,6 +76,8 @@ def apply_sequence_parallel(
         layout: ``"contiguous"`` or ``"zigzag"``; must match how the inputs were sharded.
         linear_impl: ``"lasp2"`` or ``"lasp1"`` (the ring baseline, ``linear_attn`` family and
             contiguous layout only).
+        lasp2_schedule: ``"overlap"`` or ``"serial"`` for the linear_attn and gla families (see
+            :func:`parallel.lasp2.lasp2_linear_attn`); the delta rule has one schedule.
     """
     from models.layers.linear_attention import LinearAttention
     from models.layers.short_conv import ShortConvolution
@@ -97,7 +100,8 @@ def apply_sequence_parallel(
                     )
                 new = functools.partial(lasp1_linear_attn, group=group, op=op)
             else:
-                new = functools.partial(_LASP2[family], group=group, layout=layout, op=op)
+                kw = {} if family == "gated_delta_rule" else {"schedule": lasp2_schedule}
+                new = functools.partial(_LASP2[family], group=group, layout=layout, op=op, **kw)
             _swap(module, "attn_op", new)
         elif isinstance(module, SoftmaxAttention):
             _swap(
