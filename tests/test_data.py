@@ -120,7 +120,7 @@ def test_megatron_corpus(tmp_path):
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     docs = [np.arange(i, i + 50, dtype=np.int32) % 200 for i in range(5)]
     for d in docs:
-        builder.add_document(torch.from_numpy(d), [len(d)])
+        builder.add_document(d, [len(d)])
     builder.finalize(prefix + ".idx")
     ds = build_dataset(
         DataConfig(source="megatron", path=prefix), seq_len=32, seed=0, vocab_size=256
