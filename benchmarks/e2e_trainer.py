@@ -76,9 +76,26 @@ class PlainModel(nn.Module):
         return chunked_cross_entropy(h.flatten(0, 1), self.emb.weight, labels.flatten())
 
 
-def timed_steps(step_fn, steps: int, warmup: int) -> dict:
+PROFILE_DIR: Path | None = None
+
+
+def profile_one_step(step_fn, name: str) -> None:
+    """Write the 40 most expensive CUDA ops of one step to ``PROFILE_DIR/<name>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    (PROFILE_DIR / f"{name}.txt").write_text(table)
+
+
+def timed_steps(step_fn, steps: int, warmup: int, name: str = "run") -> dict:
     for _ in range(warmup):
         step_fn()
+    if PROFILE_DIR is not None:
+        profile_one_step(step_fn, name)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -107,7 +124,7 @@ def run_baseline(T: int, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    r = timed_steps(step, steps, warmup)
+    r = timed_steps(step, steps, warmup, f"baseline_{T}")
     return {**r, "params": nparams}
 
 
@@ -131,7 +148,7 @@ def run_linscale(T: int, ac: str, steps: int, warmup: int) -> dict:
         ],
     )
     tr = Trainer(cfg)
-    r = timed_steps(tr.train_step, steps, warmup)
+    r = timed_steps(tr.train_step, steps, warmup, f"linscale_{T}_{ac.replace(':', '')}")
     return {**r, "params": tr.num_params}
 
 
@@ -147,7 +164,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/e2e_trainer.json")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also profile one step per run: top CUDA ops to DIR/<run>.txt",
+    )
     ns = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = Path(ns.profile) if ns.profile else None
     rows = []
     out = {
         "card": torch.cuda.get_device_name(),
