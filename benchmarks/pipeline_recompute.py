@@ -1,8 +1,10 @@
 """How many block forwards each pipeline schedule runs per step, with and without activation
 checkpointing (CPU, gloo, 2 pipeline ranks; counts, not times, so a CPU run is meaningful).
 
-1F1B with full checkpointing should run each block's forward twice per microbatch (forward +
-recompute); the zero-bubble schedules' split backward replays checkpointed blocks more often.
+1F1B with full checkpointing runs each block's forward twice per microbatch (forward +
+recompute). The zero-bubble schedules' split backward runs it three times with linscale's
+merged weight pass (parallel/pipeline_weight_grad.py), and once per parameter group more with
+torch's own per-group pass (``--torch-weight-pass``).
 
     python benchmarks/pipeline_recompute.py --out benchmarks/results/pipeline_recompute_cpu.json
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -71,7 +74,14 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/pipeline_recompute_cpu.json")
+    ap.add_argument(
+        "--torch-weight-pass",
+        action="store_true",
+        help="keep torch's per-group weight pass (the behaviour before the merge)",
+    )
     ns = ap.parse_args()
+    if ns.torch_weight_pass:
+        os.environ["LINSCALE_PP_TORCH_WEIGHT_PASS"] = "1"  # inherited by the spawned ranks
     rows = []
     for schedule, per_rank in SCHEDULES.items():
         for ac in ("none", "full"):

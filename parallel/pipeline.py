@@ -26,6 +26,7 @@ the last stage hold the copy as ``output.weight``.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ from parallel.pipeline_split import (
     stage_ids_on_rank,
     stage_to_rank,
 )
+from parallel.pipeline_weight_grad import install_merged_weight_pass
 
 __all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "placement_style"]
 
@@ -224,18 +226,23 @@ def build_pipeline(
     ctx = StepContext(device_type=device.type, autocast_dtype=autocast_dtype)
     tied = model.args.tie_embeddings and model.output is None
 
-    if p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.activation_checkpointing != "none":
-        # Measured on CPU (gloo, pp2, 4 microbatches, 8 blocks): 1F1B with full checkpointing
-        # runs 32 block forwards per rank and step, ZBVZeroBubble 108-188 and
-        # InterleavedZeroBubble 112-184: the split backward (input grads, then weight grads)
-        # replays each checkpointed block several times. On 4 x H100 the step was 5x slower.
+    # torch's deferred weight pass runs one autograd.grad per parameter group, which replays
+    # each checkpointed block once per group (measured 3-6x the forwards of 1F1B); one merged
+    # pass recomputes a block once (pipeline_weight_grad.py).
+    # LINSCALE_PP_TORCH_WEIGHT_PASS=1 keeps torch's own pass (for benchmarks/pipeline_recompute.py).
+    zero_bubble = p.pp_schedule in ZERO_BUBBLE_SCHEDULES
+    merged = os.environ.get("LINSCALE_PP_TORCH_WEIGHT_PASS", "0") != "1"
+    if (
+        zero_bubble
+        and merged
+        and not install_merged_weight_pass()
+        and (p.activation_checkpointing != "none")
+    ):
         get_logger().warning(
-            "parallel.pp_schedule %s with parallel.activation_checkpointing=%s recomputes each "
-            "checkpointed block several times (3-6x the forwards of 1F1B, 5x slower steps "
-            "measured on H100): prefer 1F1B/Interleaved1F1B with checkpointing, or a "
-            "zero-bubble schedule without it",
+            "parallel.pp_schedule %s with activation checkpointing: this torch's pipelining "
+            "has no hook for a merged weight pass, so each checkpointed block is recomputed "
+            "once per parameter group (several times per microbatch)",
             p.pp_schedule,
-            p.activation_checkpointing,
         )
     extra = {"checkpoint_every": p.checkpoint_every, "lasp2_schedule": p.lasp2_schedule}
     # All stages first (the last one may copy the embedding), then parallelise each.

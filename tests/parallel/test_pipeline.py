@@ -66,6 +66,19 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
+    # Full checkpointing under the split backward: the merged weight pass
+    # (parallel/pipeline_weight_grad.py) must give the same result as torch's per-group one.
+    "pp2xdp2-ZBVZeroBubble-ckpt": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=ZBVZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
+            "parallel.activation_checkpointing=full",
+        ],
+        [],
+    ),
     "pp2xdp2-InterleavedZeroBubble": (
         [
             *PP2,
