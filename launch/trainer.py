@@ -280,11 +280,8 @@ class Trainer:
             self._all_reduce(loss, "pp")
         if self.device_type == "cuda":
             torch.cuda.synchronize()
-        tokens = (
-            int(global_tokens.item())
-            if self.cfg.data.source != "mqar"
-            else t.batch_size * t.seq_len
-        )
+        # Throughput counts every input token; the loss is averaged over the target tokens
+        # (all of them for text, only the answers for MQAR).
         return StepResult(
             self.step,
             float(loss),
@@ -292,7 +289,7 @@ class Trainer:
             lr,
             t.batch_size * t.seq_len,
             time.perf_counter() - t0,
-            {"target_tokens": tokens},
+            {"target_tokens": int(global_tokens.item())},
         )
 
     def train(self, *, stop_at: int | None = None) -> list[StepResult]:

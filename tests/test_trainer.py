@@ -168,3 +168,51 @@ def test_two_process_grad_accum_matches_single_process(tmp_path):
     ]
     for losses in run_ranks(_dp_accum_worker, 2, str(tmp_path)):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    """A crash during a save leaves step_N.tmp (or a step folder without .complete): resume
+    takes the last complete checkpoint instead."""
+    make(tmp_path, "training.steps=6", "checkpoint.interval=3", name="crash").train(stop_at=4)
+    root = tmp_path / "crash" / "checkpoints"
+    (root / "step_00000006.tmp").mkdir()
+    (root / "step_00000006.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (root / "step_00000005").mkdir()  # no .complete marker
+    again = make(tmp_path, "training.steps=6", "checkpoint.interval=3", name="crash")
+    assert again.step == 3
+
+
+def test_files_source_and_mqar_train(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    hist = make(
+        tmp_path,
+        "training.steps=2",
+        "checkpoint.enabled=false",
+        "data.source=files",
+        f"data.path={docs}",
+        name="files",
+    ).train()
+    assert len(hist) == 2
+    hist = make(
+        tmp_path,
+        "training.steps=2",
+        "checkpoint.enabled=false",
+        "data.source=mqar",
+        "data.mqar_pairs=4",
+        "data.mqar_vocab=16",
+        "model.vocab_size=40",
+        "model.linear_variant=gated_deltanet",
+        name="mqar",
+    ).train()
+    # 4 sequences per step, 4 answers each: the loss is averaged over exactly those 16.
+    assert len(hist) == 2 and all(h.extra["target_tokens"] == 16 for h in hist)
+
+
+def test_files_source_with_no_match_is_a_config_error(tmp_path):
+    from launch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.path"):
+        make(tmp_path, "data.source=files", f"data.path={tmp_path}/none*.txt")
