@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except ConfigError as e:
-        print(f"linscale: error: {e}", file=sys.stderr)
+        # Every rank of a multi-process launch reads the same config: one of them speaks.
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"linscale: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("linscale: interrupted", file=sys.stderr)

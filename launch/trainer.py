@@ -20,6 +20,7 @@ from dist import (
     ParallelDims,
     get_rng_state,
     init_distributed,
+    read_dist_env,
     set_rng_state,
     set_seed,
     setup_logging,
@@ -91,8 +92,9 @@ class Trainer:
             if (t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()))
             else "cpu"
         )
+        # Check the degrees against the launcher's world size before any process group exists.
+        validate(cfg, world_size=read_dist_env().world_size)
         self.env = init_distributed(device_type=self.device_type)
-        validate(cfg, world_size=self.env.world_size)
         self.log = setup_logging(self.env.rank)
         self.rank = self.env.rank
         self.device = (

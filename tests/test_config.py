@@ -69,7 +69,7 @@ def test_bad_config_names_the_field(tmp_path, text, field):
 def test_world_size_consistency():
     cfg = load_config(None, ["parallel.pp=2", "parallel.sp=2", "parallel.dp=2"])
     validate(cfg, world_size=8)
-    with pytest.raises(ConfigError, match="world size 4"):
+    with pytest.raises(ConfigError, match="does not match the world size 4"):
         validate(cfg, world_size=4)
     cfg = load_config(None, ["parallel.sp=2", "training.batch_size=3"])
     with pytest.raises(ConfigError, match="training.batch_size"):
@@ -120,3 +120,9 @@ def test_configs_folder_is_valid():
     assert files, "configs/ should hold example run configs"
     for f in files:
         load_config(f)
+
+
+def test_dp_rest_message_is_readable():
+    cfg = load_config(None, ["parallel.sp=4"])
+    with pytest.raises(ConfigError, match=r"parallel.pp \* parallel.sp = 1 \* 4 = 4 must divide"):
+        validate(cfg, world_size=2)
