@@ -43,8 +43,8 @@ def _intra_op(family: str, attn_op):
     The layer's default op is looked up in :mod:`models.ops`; a custom hook is kept only when it
     accepts ``initial_state``/``output_final_state`` (LASP-2 needs the final state)."""
     base = resolve_op(family)
-    # models.layers names its default ops "<chunk op>_<backend>"; keep the backend it chose.
-    backend = getattr(attn_op, "__name__", "").rsplit("_", 1)[-1]
+    # models.layers' default ops carry the kernel backend the layer chose; keep it.
+    backend = getattr(attn_op, "backend", None)
     if (
         backend in ("auto", "triton", "reference")
         and "backend" in inspect.signature(base).parameters

@@ -49,6 +49,7 @@ def default_attn_op(op_family: str, *, backend: str = "auto") -> Callable[..., t
         return getattr(ops, name)(*args, scale=scale, backend=backend)[0]
 
     attn_op.__name__ = f"{name}_{backend}"
+    attn_op.backend = backend  # read by parallel.sequence_parallel to keep the same kernels
     return attn_op
 
 
