@@ -43,8 +43,9 @@ class ParallelDims:
         if self.dp == -1:
             if self.world_size % (self.pp * self.sp):
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by parallel.pp * parallel.sp "
-                    f"= {self.pp} * {self.sp}"
+                    f"parallel.pp * parallel.sp = {self.pp} * {self.sp} = {self.pp * self.sp} "
+                    f"must divide the world size {self.world_size} (parallel.dp = -1 takes the "
+                    f"rest)"
                 )
             self.dp = self.world_size // (self.pp * self.sp)
         if not isinstance(self.dp, int) or self.dp < 1:
@@ -52,7 +53,7 @@ class ParallelDims:
         if self.pp * self.dp * self.sp != self.world_size:
             raise ValueError(
                 f"parallel.pp * parallel.dp * parallel.sp = {self.pp} * {self.dp} * {self.sp} = "
-                f"{self.pp * self.dp * self.sp} must equal the world size {self.world_size}"
+                f"{self.pp * self.dp * self.sp} does not match the world size {self.world_size}"
             )
 
     @property

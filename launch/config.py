@@ -386,20 +386,12 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
         )
     _validate_pipeline(p)
     if world_size is not None:
-        if p.dp == -1:
-            dp = world_size // (p.pp * p.sp)
-            if dp < 1 or p.pp * dp * p.sp != world_size:
-                raise ConfigError(
-                    f"parallel.pp * parallel.sp = {p.pp} * {p.sp} = {p.pp * p.sp} must divide "
-                    f"the world size {world_size} (parallel.dp = -1 takes the rest)"
-                )
-        else:
-            dp = p.dp
-            if p.pp * dp * p.sp != world_size:
-                raise ConfigError(
-                    f"parallel.pp * parallel.dp * parallel.sp = {p.pp} * {dp} * {p.sp} = "
-                    f"{p.pp * dp * p.sp} does not match the world size {world_size}"
-                )
+        from dist.parallel_dims import ParallelDims
+
+        try:  # the one check of the degrees, shared with the runtime
+            dp = ParallelDims(pp=p.pp, dp=p.dp, sp=p.sp, world_size=world_size).dp
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if t.batch_size % (dp * t.grad_accum):
             raise ConfigError(
                 f"training.batch_size ({t.batch_size}) must be divisible by dp * "
