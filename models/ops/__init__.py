@@ -98,6 +98,13 @@ def _pick(name: str, x: torch.Tensor, backend: str):
     return getattr(reference, name)
 
 
+def _dispatch(name: str, backend: str, q: torch.Tensor, *args, **kwargs):
+    """Pick the implementation of ``name`` for ``q`` and run it outside any autocast."""
+    fn = _pick(name, q, backend)
+    with _no_autocast(q):
+        return fn(q, *args, **kwargs)
+
+
 def chunk_linear_attn(
     q,
     k,
@@ -116,18 +123,18 @@ def chunk_linear_attn(
     (``[N, H, K, V]`` with ``cu_seqlens`` ``[N + 1]`` and ``B == 1``). Returns ``(o, ht)``: o
     ``[B, T, H, V]`` in v's dtype, ht the fp32 final state or None.
     """
-    fn = _pick("chunk_linear_attn", q, backend)
-    with _no_autocast(q):
-        return fn(
-            q,
-            k,
-            v,
-            g,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-        )
+    return _dispatch(
+        "chunk_linear_attn",
+        backend,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def chunk_gla(
@@ -146,18 +153,18 @@ def chunk_gla(
 
     Other arguments and the return value as :func:`chunk_linear_attn`.
     """
-    fn = _pick("chunk_gla", q, backend)
-    with _no_autocast(q):
-        return fn(
-            q,
-            k,
-            v,
-            gk,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-        )
+    return _dispatch(
+        "chunk_gla",
+        backend,
+        q,
+        k,
+        v,
+        gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def chunk_gated_delta_rule(
@@ -177,16 +184,16 @@ def chunk_gated_delta_rule(
 
     Other arguments and the return value as :func:`chunk_linear_attn`.
     """
-    fn = _pick("chunk_gated_delta_rule", q, backend)
-    with _no_autocast(q):
-        return fn(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-        )
+    return _dispatch(
+        "chunk_gated_delta_rule",
+        backend,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
