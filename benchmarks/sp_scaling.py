@@ -57,6 +57,7 @@ from models.presets import get_preset  # noqa: E402
 from parallel._sp_comm import no_comm  # noqa: E402
 from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
 from parallel.data_parallel import allreduce_gradients  # noqa: E402
+from parallel.ddp import apply_ddp  # noqa: E402
 from parallel.sequence_parallel import (  # noqa: E402
     apply_sequence_parallel,
     remove_sequence_parallel,
@@ -154,7 +155,6 @@ def time_steps(
     """
     tokens, labels, pos, total = batch
     params = [p for p in m.parameters()]
-    sp = dist.get_world_size(group) if group is not None else 1
     times = []
     for i in range(warmup + n):
         _sync(device)
@@ -166,8 +166,7 @@ def time_steps(
                 stack.enter_context(ddp.no_sync())
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast))
             hidden = (ddp or m)(tokens, position_ids=pos)
-            # DDP averages over the group: scale so that gradients are sums, as in the trainer.
-            loss = m.loss(hidden, labels) / total * (sp if ddp is not None else 1)
+            loss = m.loss(hidden, labels) / total
             loss.backward()
         if grad_comm and group is not None and ddp is None:
             allreduce_gradients(params, group)
@@ -205,13 +204,8 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     ddp = None
     if sp > 1 and args.grad_sync == "ddp":
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            m,
-            process_group=group,
-            broadcast_buffers=False,
-            gradient_as_bucket_view=True,
-            device_ids=[device.index] if device.type == "cuda" else None,
-        )
+        # The trainer's DDP (SUM comm hook); 25 MB buckets as in the committed results.
+        ddp = apply_ddp(m, group, bucket_mb=25)
     common = {"group": group, "device": device, "autocast": device.type == "cuda", "ddp": ddp}
     real = time_steps(
         m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True, grad_comm=True, **common
