@@ -315,18 +315,16 @@ def _lasp2(
         gate = gs[0]
         kind = "none" if gate is None else ("scalar" if family == "linear_attn" else "vector")
         A, M, q_x = affine_pieces(kind, qs, ks, vs, gate, scale=scale, with_q=schedule == "overlap")
-    if schedule == "serial" and family != "gated_delta_rule":
-        # Gather first (a few MB, tens of microseconds), then ONE op call from S_in: no
-        # separate cross term (its fp32 passes over [T, H, V] and their backward).
-        st = _FoldState(kind, K, V, rank, world, layout, group)
-        pieces = _LaunchGather.apply(_pack(A, M).unflatten(0, (n, B)), st)
-        s_in = _FinishGather.apply(pieces, st).flatten(0, 1)  # [n * B, H, K, V]
-        return merge_slots(op(qs, ks, vs, *gs, scale=scale, initial_state=s_in)[0], n)
+    # serial: gather first (a few MB, tens of microseconds), then ONE op call from S_in, with no
+    # separate cross term (its fp32 passes over [T, H, V] and their backward).
+    serial = schedule == "serial" and family != "gated_delta_rule"
     st = _FoldState(kind, K, V, rank, world, layout, group)
     pieces = _LaunchGather.apply(_pack(A, M).unflatten(0, (n, B)), st)
-    if family != "gated_delta_rule":
+    if family != "gated_delta_rule" and not serial:
         o_intra = op(qs, ks, vs, *gs, scale=scale)[0]  # overlaps the AllGather
     s_in = _FinishGather.apply(pieces, st).flatten(0, 1)  # [n * B, H, K, V]
+    if serial:
+        return merge_slots(op(qs, ks, vs, *gs, scale=scale, initial_state=s_in)[0], n)
     o_cross = cross_term(q_x, s_in, compute_dtype(q))
     return merge_slots((o_intra.to(s_in.dtype) + o_cross).to(o_intra.dtype), n)
 
