@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from tests.dist_harness import free_port
 
 __all__ = ["run_suite", "suite_results", "check_case", "rel_err"]
 
@@ -29,12 +30,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 _ROOT = _HERE.parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_suite(suite: str, world: int, *, timeout: float = 240.0) -> dict[str, dict]:
     """``{case: {"ok": bool, "err": float, "msg": str, "s": seconds}}`` merged over ranks
     (a case is ok only if it is ok on every rank; ``err`` is the max over ranks)."""
@@ -45,7 +40,7 @@ def run_suite(suite: str, world: int, *, timeout: float = 240.0) -> dict[str, di
         PYTHONPATH=os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         procs = [
             subprocess.Popen(
                 [
