@@ -7,6 +7,7 @@ every rank has finished, so a crash never leaves a half-written checkpoint that 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -91,8 +92,8 @@ def save_checkpoint(
         done = sorted(
             (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
         )
-        for _, old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, stale in done[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 
@@ -112,7 +113,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True),
+        options=dataclasses.replace(_OPTIONS, strict=True),
     )
     part = path / f"trainer_rank{_rank():05d}.pt"
     if not part.is_file():
