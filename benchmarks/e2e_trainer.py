@@ -76,26 +76,23 @@ class PlainModel(nn.Module):
         return chunked_cross_entropy(h.flatten(0, 1), self.emb.weight, labels.flatten())
 
 
-PROFILE_DIR: Path | None = None
-
-
-def profile_one_step(step_fn, name: str) -> None:
-    """Write the 40 most expensive CUDA ops of one step to ``PROFILE_DIR/<name>.txt``."""
+def profile_one_step(step_fn, path: Path) -> None:
+    """Write the 40 most expensive CUDA ops of one step to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    (PROFILE_DIR / f"{name}.txt").write_text(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
 
 
-def timed_steps(step_fn, steps: int, warmup: int, name: str = "run") -> dict:
+def timed_steps(step_fn, steps: int, warmup: int, profile: Path | None = None) -> dict:
     for _ in range(warmup):
         step_fn()
-    if PROFILE_DIR is not None:
-        profile_one_step(step_fn, name)
+    if profile is not None:
+        profile_one_step(step_fn, profile)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -109,7 +106,7 @@ def timed_steps(step_fn, steps: int, warmup: int, name: str = "run") -> dict:
     return {"step_s": times[len(times) // 2], "peak_mem_gb": peak}
 
 
-def run_baseline(T: int, steps: int, warmup: int) -> dict:
+def run_baseline(T: int, steps: int, warmup: int, profile: Path | None) -> dict:
     torch.manual_seed(0)
     model = PlainModel().cuda()
     nparams = sum(p.numel() for p in model.parameters())
@@ -124,11 +121,11 @@ def run_baseline(T: int, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    r = timed_steps(step, steps, warmup, f"baseline_{T}")
+    r = timed_steps(step, steps, warmup, profile)
     return {**r, "params": nparams}
 
 
-def run_linscale(T: int, ac: str, steps: int, warmup: int) -> dict:
+def run_linscale(T: int, ac: str, steps: int, warmup: int, profile: Path | None) -> dict:
     from launch.config import load_config
     from launch.trainer import Trainer
 
@@ -148,7 +145,7 @@ def run_linscale(T: int, ac: str, steps: int, warmup: int) -> dict:
         ],
     )
     tr = Trainer(cfg)
-    r = timed_steps(tr.train_step, steps, warmup, f"linscale_{T}_{ac.replace(':', '')}")
+    r = timed_steps(tr.train_step, steps, warmup, profile)
     return {**r, "params": tr.num_params}
 
 
@@ -171,8 +168,6 @@ def main() -> None:
         help="also profile one step per run: top CUDA ops to DIR/<run>.txt",
     )
     ns = ap.parse_args()
-    global PROFILE_DIR
-    PROFILE_DIR = Path(ns.profile) if ns.profile else None
     rows = []
     out = {
         "card": torch.cuda.get_device_name(),
@@ -199,11 +194,13 @@ def main() -> None:
     for name, T, ac in jobs:
         gc.collect()
         torch.cuda.empty_cache()
+        tag = f"baseline_{T}" if name == "baseline" else f"linscale_{T}_{ac.replace(':', '')}"
+        profile = Path(ns.profile) / f"{tag}.txt" if ns.profile else None
         try:
             r = (
-                run_baseline(T, ns.steps, ns.warmup)
+                run_baseline(T, ns.steps, ns.warmup, profile)
                 if name == "baseline"
-                else run_linscale(T, ac, ns.steps, ns.warmup)
+                else run_linscale(T, ac, ns.steps, ns.warmup, profile)
             )
             tps = T / r["step_s"]
             row = {
