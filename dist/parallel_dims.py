@@ -12,9 +12,7 @@ farthest apart. Flattened views serve the places that need several axes at once:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -101,10 +99,6 @@ class ParallelDims:
             raise RuntimeError("call ParallelDims.build_mesh(device_type) first")
         return self._mesh
 
-    @cached_property
-    def non_data_parallel_size(self) -> int:
-        return self.pp * self.sp
-
     def submesh(self, name: str) -> DeviceMesh:
         """The 1-D mesh of one axis (``"pp"``, ``"dp"``, ``"sp"``) or the flattened ``"dp_sp"``."""
         if name in self._flat:
@@ -117,7 +111,3 @@ class ParallelDims:
 
     def local_rank_in(self, name: str) -> int:
         return self.submesh(name).get_local_rank()
-
-    @staticmethod
-    def device_type() -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
