@@ -39,7 +39,15 @@ def _entry(rank, world, port, fn, args, out_dir, env):
     torch.set_num_threads(1)
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # Rendezvous through a file in this run's own folder: no port to probe and then bind
+        # (another process can take a probed port in between). MASTER_* stay set for code that
+        # reads the launcher's environment.
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+            rank=rank,
+            world_size=world,
+        )
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:
