@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# 4-GPU device calls, one part or several per call (each under its own timeout, results and
+# logs under $OUT): check = bf16 SP correctness vs one GPU; weak-serial = weak pure-linear
+# scaling with the serial LASP-2 schedule; strong = strong scaling at 128K in total; pp = the
+# 32K pipeline grid of 1F1B against ZBVZeroBubble (pp = 2 with sp = 2, pp = 4) and pp = 1.
+# Usage (on the device, repo root): bash benchmarks/gpu_x4_parts.sh check weak-serial ...
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+run() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s)"; local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? in $((SECONDS - t0))s"
+  grep -v -i warn "$OUT/$name.log" | tail -${TAIL:-14}
+}
+TR="torchrun --nproc_per_node=4"
+for part in "$@"; do
+  case $part in
+    check) run sp_check ${T_CHECK:-120} $TR benchmarks/gpu_sp_check.py \
+      --out "$OUT/gpu_sp_check.json" ;;
+    weak-serial) run sp_weak_serial ${T_WEAK:-240} $TR benchmarks/sp_scaling.py \
+      --only weak-linear --lasp2-schedule serial --steps 3 --out "$OUT/sp_weak_serial.json" ;;
+    strong) run sp_strong ${T_STRONG:-300} $TR benchmarks/sp_scaling.py \
+      --only ${STRONG_ONLY:-strong-linear,strong-hybrid} --steps 3 \
+      --out "$OUT/sp_strong.json" ;;
+    pp) run pipeline ${T_PP:-330} $TR benchmarks/pipeline.py --schedules 1F1B,ZBVZeroBubble \
+      --only ${PP_ONLY:-pp1-sp4,pp2-sp2,pp4} --warmup 1 --steps 2 --out "$OUT/pipeline.json" ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
