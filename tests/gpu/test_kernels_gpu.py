@@ -99,7 +99,7 @@ def test_kernel_vs_fp32_reference(variant, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gla_intra_v2_vs_fp32_reference(dtype, monkeypatch):
-    """The opt-in row-block GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v2), 8K x 2."""
-    monkeypatch.setenv("LINSCALE_GLA_INTRA", "v2")
+def test_gla_intra_v1_vs_fp32_reference(dtype, monkeypatch):
+    """The older per-chunk GLA intra-chunk kernels (opt-in, LINSCALE_GLA_INTRA=v1), 8K x 2."""
+    monkeypatch.setenv("LINSCALE_GLA_INTRA", "v1")
     test_kernel_vs_fp32_reference("gla", (2, 8192, 4, None), dtype)

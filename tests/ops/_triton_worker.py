@@ -35,9 +35,9 @@ CASES = {
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
         ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
         ("gla_empty_doc", "gla", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
-        # ids with "_v2" run the row-block GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v2)
-        ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
-        ("gla_v2_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
+        # ids with "_v1" run the older per-chunk GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v1)
+        ("gla_v1", "gla", 2, 150, 2, 32, 16, None, 64, True),
+        ("gla_v1_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
     ],
     "delta": [
         ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
@@ -46,6 +46,15 @@ CASES = {
         ("gated_delta_no_state", "gated_delta", 1, 65, 1, 16, 16, None, None, False),
         ("gated_delta_k256_v256", "gated_delta", 1, 70, 1, 256, 256, None, None, True),
         ("gated_delta_empty_doc", "gated_delta", 1, 140, 1, 16, 16, [0, 64, 64, 140], None, True),
+        # K != V, neither a power of two; several documents
+        ("gated_delta_odd_kv_varlen", "gated_delta", 1, 200, 2, 24, 40, 4, None, True),
+        # K over one 64-wide K tile and not a power of two; V < K
+        ("gated_delta_k100_v64", "gated_delta", 1, 100, 1, 100, 64, None, None, True),
+        # V over one 64-wide V tile; documents shorter than a chunk and an empty one
+        ("gd_v80_short_docs", "gated_delta", 1, 150, 1, 16, 80, [0, 10, 10, 30, 150], None, True),
+        ("delta_no_gate_varlen_no_state", "delta", 1, 160, 2, 16, 32, 3, None, False),
+        # several chunks per sequence through the scans
+        ("gated_delta_long", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
     ],
 }
 
@@ -61,7 +70,7 @@ def main(family: str) -> None:
             os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS", None)
         else:
             os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
-        os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v1"
+        os.environ["LINSCALE_GLA_INTRA"] = "v1" if "_v1" in cid else "v2"
         x, cu = make_inputs(
             variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
         )

@@ -1,228 +1,207 @@
-"""Gated delta rule on the GPU: torch for the chunk-parallel WY algebra, Triton for the scan.
+"""Gated delta rule on the GPU: Triton kernels for the forward and a hand-written backward.
 
-Everything that is independent per chunk (the in-chunk cumulative gate, the unit
-lower-triangular solve of the WY/UT transform, the causal score matrices) is batched torch
-work (cuBLAS / batched triangular solves) over all chunks at once and differentiated by
-autograd. The sequential part, the chunk-state scan with its KxK transitions, is the Triton
-:class:`_DeltaScan` (forward and reverse scans in :mod:`.delta_kernels`); its backward
-recomputes the chunk-start states instead of keeping them from the forward.
+Chunks of ``C = 64`` tokens (never crossing a sequence or document end) on the token-major
+inputs, no padding copies. Kernels (in launch order):
+
+forward
+    1. :func:`~.delta_wy_kernels.delta_wy_fwd_kernel` (chunk x head): in-chunk cumulative gate
+       b, ``A = (I + L)^-1`` (exact in-register solve), ``u = A beta v``, ``w = A beta gam k``.
+    2. :func:`~.delta_kernels.delta_scan_fwd_kernel` (sequence x head x V tile, sequential over
+       chunks): ``delta = u - w h``, ``h' = gam_C h + (k gam_C/gam)^T delta``; stores the
+       chunk-start states and delta.
+    3. :func:`~.delta_chunk_kernels.delta_out_kernel` (chunk x head x V tile): the output.
+
+backward (A, b, the chunk-start states and delta are kept from the forward)
+    1. the WY kernel again with A loaded: w, and the chunk-local ``d delta = scale P^T do``.
+    2. :func:`~.delta_kernels.delta_scan_bwd_kernel`: reverse scan of the state adjoint;
+       completes ``d delta`` and stores the chunk-end adjoints and ``dh0``.
+    3. :func:`~.delta_chunk_kernels.delta_dqkw_kernel` (chunk x head x K tile): the parts of
+       dq, dk, db that go through the states, and ``dw``.
+    4. :func:`~.delta_wy_kernels.delta_wy_bwd_kernel` (chunk x head): through the intra-chunk
+       scores and the WY transform; dq, dk, dv, dbeta and dg (reverse in-chunk cumsum of db).
+
+Everything inside the kernels is fp32 (products on tensor cores, tf32 for fp32 operands; the
+block combination of the triangular solve uses 3xTF32 on CUDA).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
-from models.ops import reference as ref
-from models.ops.triton_ops import delta_kernels as kern
-from models.ops.triton_ops.common import check_inputs
+from models.ops.triton_ops import delta_chunk_kernels as ck
+from models.ops.triton_ops import delta_kernels as sk
+from models.ops.triton_ops import delta_wy_kernels as wk
+from models.ops.triton_ops.common import check_inputs, make_groups, num_sms
 
-__all__ = ["chunk_gated_delta_rule", "unit_lower_inverse"]
+__all__ = ["chunk_gated_delta_rule"]
 
-
-def _bv(S: int, V: int, device: torch.device) -> int:
-    # The scan is sequential over chunks: with few sequences, narrower V tiles give more programs.
-    sms = 4
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return 32 if S * triton.cdiv(V, 32) >= 2 * sms else 16
+_C = 64  # chunk length (the in-kernel solve assumes 64)
 
 
-def _bk(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+def _p2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
 
 
-class _DeltaScan(torch.autograd.Function):
-    """(u, w, qg, p, kd, gam, h0) ``[S, NC, C, *]`` -> (o ``[S, NC, C, V]``, ht ``[S, K, V]``)."""
+def _scan_bv(n_seq: int, H: int, V: int, device: torch.device) -> int:
+    """V tile of the sequential scans: narrower tiles give more programs with few sequences."""
+    return 32 if n_seq * H * triton.cdiv(V, 32) >= 2 * num_sms(device) else 16
+
+
+def _prec(x: torch.Tensor) -> dict:
+    """Precisions of the fp32 products of the WY kernel: the solve's block combination (3xTF32
+    on CUDA) and ``A (beta v)``, ``A (beta gam k)`` (3xTF32 for fp32 inputs, TF32 for 16-bit
+    ones; ``LINSCALE_DELTA_UW_PREC`` overrides). The interpreter takes "ieee"."""
+    if x.device.type != "cuda":
+        return dict(PREC="ieee", UW_PREC="ieee")
+    uw = os.environ.get("LINSCALE_DELTA_UW_PREC") or (
+        "tf32x3" if x.dtype == torch.float32 else "tf32"
+    )
+    return dict(PREC="tf32x3", UW_PREC=uw)
+
+
+def _launch_scan(kernel, grid, *args, K: int, **kw):
+    """Launch a sequential scan with its loads pipelined one chunk ahead (``num_stages`` from
+    ``LINSCALE_DELTA_SCAN_STAGES``, default 2), falling back to one stage if the tiles do not
+    fit in shared memory."""
+    stages = int(os.environ.get("LINSCALE_DELTA_SCAN_STAGES", "2"))
+    nw = 4 if K <= 128 else 8
+    try:
+        kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=stages)
+    except OutOfResources:
+        if stages == 1:
+            raise
+        kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=1)
+
+
+class _GatedDelta(torch.autograd.Function):
+    """(q, k, v, g | None, beta, h0 | None) token-major -> (o, ht | None)."""
 
     @staticmethod
-    def forward(ctx, u, w, qg, p, kd, gam, h0):
-        S, NC, C, V = u.shape
-        K = w.shape[-1]
-        o = torch.empty_like(u)
-        ht = u.new_empty(S, K, V)
-        bv = _bv(S, V, u.device)
-        grid = (triton.cdiv(V, bv), S)
-        kern.delta_scan_fwd_kernel[grid](
-            u,
-            w,
-            qg,
-            p,
-            kd,
-            gam,
-            h0,
-            o,
-            ht,
-            u,
-            u,
-            NC,
-            C=C,
-            K=K,
-            V=V,
-            BK=_bk(K),
-            BV=bv,
-            HAS_H0=True,
-            STORE_O=True,
-            STORE_FINAL=True,
-            STORE_STATES=False,
-            num_warps=4 if K <= 128 else 8,
-            num_stages=1,
+    def forward(ctx, q, k, v, g, beta, h0, scale, cu_seqlens, output_final_state):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        TT = B * T
+        dev = q.device
+        grp = make_groups(
+            B, T, cu_seqlens, chunk=_C, programs_per_group=H, device=dev, group_tokens=_C
         )
-        ctx.save_for_backward(u, w, qg, p, kd, gam, h0)
-        return o, ht
+        nch, N = grp.n_groups, grp.n_seq
+        q, k, v = (x.contiguous().view(TT, H, -1) for x in (q, k, v))
+        beta = beta.contiguous().view(TT, H)
+        gf = g.contiguous().view(TT, H) if g is not None else beta
+        f32 = dict(device=dev, dtype=torch.float32)
+        bk, bv = min(64, _p2(K)), min(64, _p2(V))
+        b = torch.empty(TT, H, **f32)
+        a = torch.empty(TT, H, _C, **f32)
+        u = torch.empty(TT, H, V, **f32)
+        w = torch.empty(TT, H, K, **f32)
+        wk.delta_wy_fwd_kernel[(nch, H)](
+            q, k, v, gf, beta, q, b, a, u, w, u, grp.bos, grp.eos, scale,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=True, STORE_U=True,
+            BWD_PREP=False, **_prec(q), num_warps=4, num_stages=1,
+        )  # fmt: skip
+        hc = torch.empty(nch, H, K, V, **f32)
+        dlt = torch.empty(TT, H, V, **f32)
+        ht = torch.empty(N, H, K, V, **f32) if output_final_state else hc
+        h0c = h0.contiguous() if h0 is not None else hc
+        bvs = _scan_bv(N, H, V, dev)
+        _launch_scan(
+            sk.delta_scan_fwd_kernel, (triton.cdiv(V, bvs), N, H),
+            k, w, u, b, h0c, hc, dlt, ht, grp.bos, grp.eos, grp.seq_g0,
+            H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_H0=h0 is not None,
+            STORE_FINAL=output_final_state,
+        )  # fmt: skip
+        del u, w
+        o = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
+        ck.delta_out_kernel[(triton.cdiv(V, bv), nch, H)](
+            q, k, b, hc, dlt, o, grp.bos, grp.eos, scale,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, num_warps=4, num_stages=1,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt)
+        ctx.meta = (B, T, H, K, V, scale, grp)
+        return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        u, w, qg, p, kd, gam, h0 = ctx.saved_tensors
-        S, NC, C, V = u.shape
-        K = w.shape[-1]
-        nw = 4 if K <= 128 else 8
-        bv = _bv(S, V, u.device)
-        grid = (triton.cdiv(V, bv), S)
-        hc = u.new_empty(S, NC, K, V)
-        delta = torch.empty_like(u)
-        kern.delta_scan_fwd_kernel[grid](
-            u,
-            w,
-            qg,
-            p,
-            kd,
-            gam,
-            h0,
-            u,
-            u,
-            hc,
-            delta,
-            NC,
-            C=C,
-            K=K,
-            V=V,
-            BK=_bk(K),
-            BV=bv,
-            HAS_H0=True,
-            STORE_O=False,
-            STORE_FINAL=False,
-            STORE_STATES=True,
-            num_warps=nw,
-            num_stages=1,
-        )
-        do = do.contiguous().float() if do is not None else torch.zeros_like(u)
-        dd = torch.empty_like(u)
-        dhc = torch.empty_like(hc)
-        dh0 = torch.empty_like(h0)
-        dhtc = dht.contiguous().float() if dht is not None else h0
-        kern.delta_scan_bwd_kernel[grid](
-            w,
-            qg,
-            p,
-            kd,
-            gam,
-            do,
-            dhtc,
-            dd,
-            dhc,
+        q, k, v, g, beta, h0, a, b, hc, dlt = ctx.saved_tensors
+        B, T, H, K, V, scale, grp = ctx.meta
+        TT = B * T
+        dev = q.device
+        nch, N = grp.n_groups, grp.n_seq
+        f32 = dict(device=dev, dtype=torch.float32)
+        bk, bv = min(64, _p2(K)), min(64, _p2(V))
+        nkp = triton.cdiv(K, bk)
+        gf = g.contiguous().view(TT, H) if g is not None else beta
+        do = do.contiguous().view(TT, H, V)
+        w = torch.empty(TT, H, K, **f32)
+        dd = torch.empty(TT, H, V, **f32)
+        wk.delta_wy_fwd_kernel[(nch, H)](
+            q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False, STORE_U=False,
+            BWD_PREP=True, **_prec(q), num_warps=4, num_stages=1,
+        )  # fmt: skip
+        dhc = torch.empty(nch, H, K, V, **f32)
+        dh0 = torch.empty(N, H, K, V, **f32)
+        dhtc = dht.contiguous() if dht is not None else dhc
+        bvs = _scan_bv(N, H, V, dev)
+        _launch_scan(
+            sk.delta_scan_bwd_kernel, (triton.cdiv(V, bvs), N, H),
+            q, k, w, b, do, dd, dhtc, dhc, dh0, grp.bos, grp.eos, grp.seq_g0, scale,
+            H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_DHT=dht is not None,
+        )  # fmt: skip
+        dqp = torch.empty(TT, H, K, **f32)
+        dkp = torch.empty(TT, H, K, **f32)
+        dbp = torch.empty(TT, H, nkp, **f32)
+        ck.delta_dqkw_kernel[(nkp, nch, H)](
+            q, k, b, hc, dhc, do, dlt, dd, dqp, dkp, w, dbp, grp.bos, grp.eos, scale,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=min(32, bv), NKP=nkp, num_warps=8, num_stages=1,
+        )  # fmt: skip
+        del dhc
+        dw = w  # the dqkw kernel overwrote w with its adjoint
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dbeta = torch.empty_like(beta)
+        dg = torch.empty(TT, H, device=dev, dtype=g.dtype) if g is not None else dbeta
+        wk.delta_wy_bwd_kernel[(nch, H)](
+            q, k, v, gf, beta, a, do, dlt, dd, dw, dqp, dkp, dbp, dq, dk, dv, dbeta, dg,
+            grp.bos, grp.eos, scale,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, NKP=nkp, HAS_G=g is not None,
+            num_warps=8, num_stages=1,
+        )  # fmt: skip
+        dh0 = dh0.to(h0.dtype) if h0 is not None else None
+        return (
+            dq.view(B, T, H, K),
+            dk.view(B, T, H, K),
+            dv.view(B, T, H, V),
+            dg.view(B, T, H) if g is not None else None,
+            dbeta.view(B, T, H),
             dh0,
-            NC,
-            C=C,
-            K=K,
-            V=V,
-            BK=_bk(K),
-            BV=bv,
-            HAS_DHT=dht is not None,
-            num_warps=nw,
-            num_stages=1,
+            None,
+            None,
+            None,
         )
-        hct = hc.transpose(-1, -2)
-        dqg = do @ hct
-        dp = (do @ delta.transpose(-1, -2)).tril()
-        dkd = delta @ dhc.transpose(-1, -2)
-        dgam = (hc * dhc).sum((-1, -2))
-        dw = -(dd @ hct)
-        return dd, dw, dqg, dp, dkd, dgam, dh0
-
-
-def unit_lower_inverse(lmat: torch.Tensor, block: int = 16) -> torch.Tensor:
-    """``(I + L)^-1`` for strictly lower-triangular ``L`` ``[..., C, C]`` (C a multiple of 16).
-
-    Batched triangular solves are slow on the GPU for many small systems, so: forward
-    substitution row by row inside each 16-block (as stable as a triangular solve, 16 steps),
-    then the blocks below the diagonal from ``T_IJ = -T_II sum_{J<=M<I} L_IM T_MJ`` (small
-    batched matmuls). Plain torch ops, so autograd differentiates it.
-    """
-    C = lmat.shape[-1]
-    nb = C // block
-    lb = lmat.unflatten(-2, (nb, block)).unflatten(-1, (nb, block))  # [..., I, i, J, j]
-    diag = torch.stack([lb[..., i, :, i, :] for i in range(nb)], -3)  # [..., nb, b, b]
-    eye = torch.eye(block, dtype=lmat.dtype, device=lmat.device)
-    rows = [eye[0].expand(diag.shape[:-2] + (block,))]
-    for i in range(1, block):
-        prev = torch.stack(rows, -2)  # [..., nb, i, b]
-        rows.append(eye[i] - (diag[..., i : i + 1, :i] @ prev).squeeze(-2))
-    tdiag = torch.stack(rows, -2)  # [..., nb, b, b]
-    t = [[None] * nb for _ in range(nb)]
-    for i in range(nb):
-        t[i][i] = tdiag[..., i, :, :]
-    for i in range(1, nb):
-        for j in range(i - 1, -1, -1):
-            acc = sum(lb[..., i, :, m, :] @ t[m][j] for m in range(j, i))
-            t[i][j] = -(t[i][i] @ acc)
-    zero = torch.zeros_like(t[0][0])
-    return torch.cat(
-        [torch.cat([t[i][j] if j <= i else zero for j in range(nb)], -1) for i in range(nb)], -2
-    )
 
 
 def chunk_gated_delta_rule(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
 ):
     """Gated delta rule; same signature and return value as
-    :func:`models.ops.reference.chunk_gated_delta_rule`."""
+    :func:`models.ops.reference.chunk_gated_delta_rule`.
+
+    q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H]`` log decay (or None), beta
+    ``[B, T, H]``; initial_state ``[B or N, H, K, V]``. Returns o ``[B, T, H, V]`` in v's dtype
+    and the fp32 final state (or None).
+    """
     check_inputs(q, k, v, initial_state, cu_seqlens, g=g, beta=beta)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
     if scale is None:
-        scale = K**-0.5
-    cd = torch.float32
-    if cu_seqlens is not None:
-        (q, k, v, g, beta), valid = ref._pack((q, k, v, g, beta), cu_seqlens.long(), T)
-    else:
-        q, k, v, g, beta = ref._pad_time((q, k, v, g, beta), T)
-        valid = None
-    n_seq = q.shape[0]
-    if initial_state is None:
-        h0 = torch.zeros(n_seq, H, K, V, dtype=cd, device=q.device)
-    else:
-        h0 = initial_state.to(cd)
-    qc, kc, vc = (ref._to_chunks(x, cd) for x in (q, k, v))
-    bc = ref._to_chunks(beta, cd)
-    C = qc.shape[-2]
-    b = torch.zeros_like(bc) if g is None else ref._to_chunks(g, cd).cumsum(3)
-    gam = b.exp()
-    mask = ref._causal(C, q.device)
-    dmat = ref._masked_exp(b[..., :, None] - b[..., None, :], mask)
-    lmat = ((kc @ kc.transpose(-1, -2)) * dmat * bc[..., None]).tril(-1)
-    rhs = torch.cat([bc[..., None] * vc, (bc * gam)[..., None] * kc], -1)
-    u, w = (unit_lower_inverse(lmat) @ rhs).split([V, K], -1)
-    p = (qc @ kc.transpose(-1, -2)) * dmat * scale
-    qg = qc * (gam * scale)[..., None]
-    bl = b[..., -1:]
-    kd = kc * (bl - b).exp()[..., None]
-    dec = bl.exp()[..., 0]  # [N, H, NC]
-    NC = qc.shape[2]
-
-    def flat(x):
-        return x.reshape(n_seq * H, NC, *x.shape[3:]).contiguous()
-
-    o, ht = _DeltaScan.apply(
-        flat(u),
-        flat(w),
-        flat(qg),
-        flat(p),
-        flat(kd),
-        flat(dec),
-        h0.reshape(n_seq * H, K, V).contiguous(),
+        scale = q.shape[-1] ** -0.5
+    if k.dtype != q.dtype:  # the kernels multiply q and k in their own dtype
+        k = k.to(q.dtype)
+    return _GatedDelta.apply(
+        q, k, v, g, beta, initial_state, float(scale), cu_seqlens, bool(output_final_state)
     )
-    o = ref._from_chunks(o.view(n_seq, H, NC, C, V))
-    o = o[valid][None] if valid is not None else o[:, :T]
-    ht = ht.view(n_seq, H, K, V) if output_final_state else None
-    return o.to(v.dtype), ht

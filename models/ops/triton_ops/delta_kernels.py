@@ -1,15 +1,17 @@
-"""Triton kernels for the chunk-state scan of the gated delta rule (WY form).
+"""Triton kernels of the gated delta rule: shared helpers and the two chunk-state scans.
 
-Inputs are chunked fp32 tensors of ``S = N * H`` independent sequences (``[S, NC, C, D]``),
-prepared in torch by :mod:`models.ops.triton_ops.delta`: the WY pseudo-values ``u = T beta v``
-and ``w = T beta G k``, the scaled decayed queries ``qg = scale G q``, the scaled causal scores
-``p = scale tril(q k^T G_i/G_j)``, the keys decayed to the chunk end ``kd`` and the chunk decay
-``gam``. Per chunk, from the incoming state ``h`` ``[K, V]``::
+Tensors are token-major as the op receives them, ``[TT, H, D]`` (``TT = B * T`` packed tokens);
+a chunk is ``C = 64`` consecutive tokens ``bos <= t < eos`` of one sequence (the last chunk of a
+sequence may be partial; its rows past ``eos`` are masked to zero). Per-chunk states are
+``[NCh, H, K, V]`` fp32, indexed by the global chunk id of the chunk table (``seq_g0[n]`` is the
+first chunk of sequence ``n``). With ``b`` the in-chunk inclusive cumulative log gate, ``b_C``
+its value on the chunk's last token and ``(u, w)`` the WY pseudo-values of
+:mod:`.delta_wy_kernels`, one chunk of the recurrence is::
 
-    delta = u - w h;   o = qg h + p delta;   h' = gam h + kd^T delta
+    delta = u - w h;   h' = exp(b_C) h + (k exp(b_C - b))^T delta
 
-The state transition is a full KxK matrix, so V is split across programs (columns of the
-state are independent) and K is held whole (BK >= K).
+The state transition is a full KxK matrix, so V is split across programs (state columns are
+independent) and K is held whole (BK = next_pow2(K) >= K).
 """
 
 from __future__ import annotations
@@ -21,125 +23,153 @@ __all__ = ["delta_scan_fwd_kernel", "delta_scan_bwd_kernel"]
 
 
 @triton.jit
-def _tile(ptr, s, c, NC, R: tl.constexpr, D: tl.constexpr, offs_r, offs_d, mr, md):
-    base = (s.to(tl.int64) * NC + c) * R
-    return ptr + (base + offs_r[:, None]) * D + offs_d[None, :], mr[:, None] & md[None, :]
+def _rows(bos_ptr, eos_ptr, c, h, H: tl.constexpr, C: tl.constexpr):
+    """Row indices ``t * H + h`` (int64) of the chunk's tokens, their mask, the chunk length and
+    the row of its last token."""
+    bos = tl.load(bos_ptr + c)
+    eos = tl.load(eos_ptr + c)
+    offs = tl.arange(0, C)
+    mi = bos + offs < eos
+    return (bos + offs).to(tl.int64) * H + h, mi, eos - bos, (eos - 1).to(tl.int64) * H + h
+
+
+@triton.jit
+def _tile(ptr, rows, mi, D: tl.constexpr, offs_d):
+    """Pointers and mask of a ``[C, len(offs_d)]`` tile of a ``[TT, H, D]`` tensor."""
+    return ptr + rows[:, None] * D + offs_d[None, :], mi[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def _state(ptr, idx, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, offs_k, offs_v):
+    """Pointers and mask of a ``[BK, BV]`` tile of state ``idx`` of a ``[*, H, K, V]`` tensor."""
+    base = (idx.to(tl.int64) * H + h) * K
+    ptrs = ptr + (base + offs_k[:, None]) * V + offs_v[None, :]
+    return ptrs, (offs_k < K)[:, None] & (offs_v < V)[None, :]
+
+
+@triton.jit
+def _last_gate(b_ptr, lrow, n_tok):
+    """Cumulative log gate ``b_C`` of the chunk's last token (0 for an empty chunk)."""
+    return tl.load(b_ptr + lrow, mask=n_tok > 0, other=0.0)
 
 
 @triton.jit
 def delta_scan_fwd_kernel(
-    u_ptr,
+    k_ptr,
     w_ptr,
-    qg_ptr,
-    p_ptr,
-    kd_ptr,
-    gam_ptr,
+    u_ptr,
+    b_ptr,
     h0_ptr,
-    o_ptr,
-    ht_ptr,
     hc_ptr,
     dlt_ptr,
-    NC,
-    C: tl.constexpr,
+    ht_ptr,
+    bos_ptr,
+    eos_ptr,
+    seq_g0,
+    H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
-    STORE_O: tl.constexpr,
     STORE_FINAL: tl.constexpr,
-    STORE_STATES: tl.constexpr,
 ):
-    """Forward scan; optionally stores o, the final state, and for the backward the state at
-    every chunk start ``hc`` ``[S, NC, K, V]`` and ``delta`` ``[S, NC, C, V]``."""
-    pid_v, s = tl.program_id(0), tl.program_id(1)
-    offs_c = tl.arange(0, C)
+    """Forward scan of sequence ``n``, head ``h``, one V tile. Grid ``(cdiv(V, BV), N, H)``.
+
+    Stores the state at every chunk start ``hc`` ``[NCh, H, K, V]``, ``delta`` ``[TT, H, V]``
+    (fp32) and, if asked, the final state ``ht`` ``[N, H, K, V]``.
+    """
+    pv, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mc = offs_c < C
-    mk, mv = offs_k < K, offs_v < V
-    hp, hm = _tile(h0_ptr, s, 0, 1, K, V, offs_k, offs_v, mk, mv)
+    offs_v = pv * BV + tl.arange(0, BV)
+    c0 = tl.load(seq_g0 + n)
+    c1 = tl.load(seq_g0 + n + 1)
+    sp, sm = _state(h0_ptr, n, h, H, K, V, offs_k, offs_v)
     if HAS_H0:
-        h = tl.load(hp, mask=hm, other=0.0)
+        st = tl.load(sp, mask=sm, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros([BK, BV], tl.float32)
-    for c in range(NC):
-        up, um = _tile(u_ptr, s, c, NC, C, V, offs_c, offs_v, mc, mv)
-        wp, wm = _tile(w_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-        kp, _ = _tile(kd_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-        delta = tl.load(up, mask=um, other=0.0) - tl.dot(tl.load(wp, mask=wm, other=0.0), h)
-        if STORE_STATES:
-            sp, sm = _tile(hc_ptr, s, c, NC, K, V, offs_k, offs_v, mk, mv)
-            tl.store(sp, h, mask=sm)
-            dp, _ = _tile(dlt_ptr, s, c, NC, C, V, offs_c, offs_v, mc, mv)
-            tl.store(dp, delta, mask=um)
-        if STORE_O:
-            qp, _ = _tile(qg_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-            pp, pm = _tile(p_ptr, s, c, NC, C, C, offs_c, offs_c, mc, mc)
-            o = tl.dot(tl.load(qp, mask=wm, other=0.0), h)
-            o += tl.dot(tl.load(pp, mask=pm, other=0.0), delta)
-            op, _ = _tile(o_ptr, s, c, NC, C, V, offs_c, offs_v, mc, mv)
-            tl.store(op, o, mask=um)
-        gam = tl.load(gam_ptr + s.to(tl.int64) * NC + c)
-        h = gam * h + tl.dot(tl.trans(tl.load(kp, mask=wm, other=0.0)), delta)
+        st = tl.zeros([BK, BV], tl.float32)
+    for i in range(c1 - c0):
+        c = c0 + i
+        rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
+        sp, sm = _state(hc_ptr, c, h, H, K, V, offs_k, offs_v)
+        tl.store(sp, st, mask=sm)
+        up, um = _tile(u_ptr, rows, mi, V, offs_v)
+        wp, wm = _tile(w_ptr, rows, mi, K, offs_k)
+        kp, _ = _tile(k_ptr, rows, mi, K, offs_k)
+        delta = tl.load(up, mask=um, other=0.0) - tl.dot(tl.load(wp, mask=wm, other=0.0), st)
+        dp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
+        tl.store(dp, delta, mask=um)
+        bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
+        bl = _last_gate(b_ptr, lrow, n_tok)
+        kd = tl.load(kp, mask=wm, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
+        st = tl.exp(bl) * st + tl.dot(tl.trans(kd), delta)
     if STORE_FINAL:
-        fp, fm = _tile(ht_ptr, s, 0, 1, K, V, offs_k, offs_v, mk, mv)
-        tl.store(fp, h, mask=fm)
+        sp, sm = _state(ht_ptr, n, h, H, K, V, offs_k, offs_v)
+        tl.store(sp, st, mask=sm)
 
 
 @triton.jit
 def delta_scan_bwd_kernel(
+    q_ptr,
+    k_ptr,
     w_ptr,
-    qg_ptr,
-    p_ptr,
-    kd_ptr,
-    gam_ptr,
+    b_ptr,
     do_ptr,
-    dht_ptr,
     dd_ptr,
+    dht_ptr,
     dhc_ptr,
     dh0_ptr,
-    NC,
-    C: tl.constexpr,
+    bos_ptr,
+    eos_ptr,
+    seq_g0,
+    scale,
+    H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
+    C: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_DHT: tl.constexpr,
 ):
-    """Reverse scan of the adjoint ``dh`` (of the state at each chunk end)::
+    """Reverse scan of the state adjoint ``dh`` (of each chunk-end state). Grid as the forward.
 
-        ddelta = p^T do + kd dh;   dh_prev = gam dh + qg^T do - w^T ddelta
+    ``dd`` ``[TT, H, V]`` fp32 holds the chunk-local part ``scale P^T do`` on entry and the
+    full ``d delta = scale P^T do + k exp(b_C - b) dh`` on exit; per chunk, from the last::
 
-    stores ``ddelta`` ``[S, NC, C, V]``, the end-of-chunk adjoints ``dhc`` ``[S, NC, K, V]``
-    and ``dh0``."""
-    pid_v, s = tl.program_id(0), tl.program_id(1)
-    offs_c = tl.arange(0, C)
+        dh_prev = exp(b_C) dh + scale (exp(b) q)^T do - w^T d delta
+
+    Stores the chunk-end adjoints ``dhc`` ``[NCh, H, K, V]`` and ``dh0`` ``[N, H, K, V]``.
+    """
+    pv, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mc = offs_c < C
-    mk, mv = offs_k < K, offs_v < V
+    offs_v = pv * BV + tl.arange(0, BV)
+    c0 = tl.load(seq_g0 + n)
+    c1 = tl.load(seq_g0 + n + 1)
+    sp, sm = _state(dht_ptr, n, h, H, K, V, offs_k, offs_v)
     if HAS_DHT:
-        hp, hm = _tile(dht_ptr, s, 0, 1, K, V, offs_k, offs_v, mk, mv)
-        dh = tl.load(hp, mask=hm, other=0.0)
+        dh = tl.load(sp, mask=sm, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros([BK, BV], tl.float32)
-    for i in range(NC):
-        c = NC - 1 - i
-        sp, sm = _tile(dhc_ptr, s, c, NC, K, V, offs_k, offs_v, mk, mv)
+    for i in range(c1 - c0):
+        c = c1 - 1 - i
+        rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
+        sp, sm = _state(dhc_ptr, c, h, H, K, V, offs_k, offs_v)
         tl.store(sp, dh, mask=sm)
-        dp, dm = _tile(do_ptr, s, c, NC, C, V, offs_c, offs_v, mc, mv)
-        do = tl.load(dp, mask=dm, other=0.0)
-        pp, pm = _tile(p_ptr, s, c, NC, C, C, offs_c, offs_c, mc, mc)
-        kp, km = _tile(kd_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-        dd = tl.dot(tl.trans(tl.load(pp, mask=pm, other=0.0)), do)
-        dd += tl.dot(tl.load(kp, mask=km, other=0.0), dh)
-        ddp, _ = _tile(dd_ptr, s, c, NC, C, V, offs_c, offs_v, mc, mv)
+        bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
+        bl = _last_gate(b_ptr, lrow, n_tok)
+        kp, km = _tile(k_ptr, rows, mi, K, offs_k)
+        kd = tl.load(kp, mask=km, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
+        ddp, dm = _tile(dd_ptr, rows, mi, V, offs_v)
+        dd = tl.load(ddp, mask=dm, other=0.0) + tl.dot(kd, dh)
         tl.store(ddp, dd, mask=dm)
-        qp, _ = _tile(qg_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-        wp, _ = _tile(w_ptr, s, c, NC, C, K, offs_c, offs_k, mc, mk)
-        gam = tl.load(gam_ptr + s.to(tl.int64) * NC + c)
-        dh = gam * dh + tl.dot(tl.trans(tl.load(qp, mask=km, other=0.0)), do)
-        dh -= tl.dot(tl.trans(tl.load(wp, mask=km, other=0.0)), dd)
-    fp, fm = _tile(dh0_ptr, s, 0, 1, K, V, offs_k, offs_v, mk, mv)
-    tl.store(fp, dh, mask=fm)
+        qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
+        qg = tl.load(qp, mask=km, other=0.0).to(tl.float32) * (scale * tl.exp(bb))[:, None]
+        dop, _ = _tile(do_ptr, rows, mi, V, offs_v)
+        do = tl.load(dop, mask=dm, other=0.0).to(tl.float32)
+        wp, _ = _tile(w_ptr, rows, mi, K, offs_k)
+        w = tl.load(wp, mask=km, other=0.0)
+        dh = tl.exp(bl) * dh + tl.dot(tl.trans(qg), do) - tl.dot(tl.trans(w), dd)
+    sp, sm = _state(dh0_ptr, n, h, H, K, V, offs_k, offs_v)
+    tl.store(sp, dh, mask=sm)

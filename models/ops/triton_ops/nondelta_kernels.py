@@ -14,7 +14,9 @@ Gates are summed within each chunk in fp32 (``b`` = inclusive in-chunk cumulativ
 every exponent is either ``b_i - b_j`` with ``i >= j``, ``b`` or ``b_last - b``: all <= 0.
 For GATE 2, ``g_ptr`` is the fp32 in-chunk cumulative gate and the intra-chunk scores and their
 gradients come from :mod:`.gla_kernels`. Backward with gates keeps one extra state per chunk
-(``hc``) for the chunk-local gate gradient. Offsets are computed in int64.
+(``hc``) for the chunk-local gate gradient; GATE 1 also passes the per-token ``q_t . dq_t`` (per
+K-block, from the fp32 accumulator) from the dq to the dk kernel, so dq itself is stored in q's
+dtype. Offsets are computed in int64.
 """
 
 from __future__ import annotations
@@ -265,6 +267,7 @@ def fwd_o_kernel(
 
 @triton.jit
 def bwd_dq_kernel(
+    q_ptr,
     k_ptr,
     v_ptr,
     g_ptr,
@@ -273,10 +276,12 @@ def bwd_dq_kernel(
     hs_ptr,
     dq_ptr,
     hc_ptr,
+    sq_ptr,
     g_bos,
     g_eos,
     g_c0,
     scale,
+    TT,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -286,7 +291,9 @@ def bwd_dq_kernel(
     GATE: tl.constexpr,
 ):
     """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V). With gates,
-    also stores each chunk's end state ``hc`` ``[NC, H, K, V]`` for the gate gradient."""
+    also stores each chunk's end state ``hc`` ``[NC, H, K, V]`` for the gate gradient; GATE 1
+    also stores ``sq_t = sum_k q_t dq_t`` over this K-block, ``[NK, H, TT]`` fp32 (tokens
+    contiguous), from the fp32 accumulator: dq itself is then stored rounded to dq_ptr's dtype."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -326,6 +333,11 @@ def bwd_dq_kernel(
         dq = dq * scale
         if GATE == 2:
             dq += _load(dqi_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        elif GATE == 1:
+            q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+            tl.store(
+                sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64, tl.sum(q * dq, 1), mask=mt
+            )
         _store(dq_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)
         h += tl.dot(tl.trans(kg), v)
         if GATE != 0:
@@ -347,6 +359,7 @@ def bwd_dk_kernel(
     he_ptr,
     dq_ptr,
     hc_ptr,
+    sq_ptr,
     dk_ptr,
     dg_ptr,
     g_bos,
@@ -367,8 +380,9 @@ def bwd_dk_kernel(
 
     With gates it also writes the gate gradient, chunk-locally: for token s of chunk c,
     ``dg_s = sum_{t >= s in c} (q_t dq_t - k_t dk_t) + sum_v (H_c * dH_c)`` with H_c / dH_c the
-    state / adjoint at the chunk's end (GATE 2: ``[TT, H, K]``; GATE 1: this K-block's partial
-    sum, ``[NK, TT, H]``). Cutting the reverse sum at every chunk keeps its error local."""
+    state / adjoint at the chunk's end (GATE 2: ``[TT, H, K]``, from the fp32 dq ``[TT, H, K]``;
+    GATE 1: this K-block's partial sum, ``[NK, TT, H]``, from the dq kernel's ``sq`` of the same
+    K-block, ``[NK, H, TT]``). Cutting the reverse sum at every chunk keeps its error local."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -385,6 +399,18 @@ def bwd_dk_kernel(
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
+        if GATE != 0:
+            # The chunk-end state meets its adjoint first and is reduced at once, so its tile
+            # (kept in its storage dtype) is dead before the chunk's other tiles are live.
+            hc = tl.load(
+                _state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
+                mask=mk[:, None] & mv[None, :],
+                other=0.0,
+            )
+            # d loss / d (log-scale of the chunk-end state): [BK] (GATE 2) or a scalar (GATE 1)
+            tail = tl.sum(hc.to(tl.float32) * dh, 1)
+            if GATE == 1:
+                tail = tl.sum(tail, 0)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -396,33 +422,33 @@ def bwd_dk_kernel(
             qg = q
         else:
             b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
-            hc = tl.load(
-                _state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
-                mask=mk[:, None] & mv[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            tail = tl.sum(hc * dh, 1)  # [BK]: d loss / d (log-scale of the chunk-end state)
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 dat = tl.dot(v, tl.trans(do)) * d
                 dk = dk * tl.exp(bl - b)[:, None] + scale * tl.dot(dat.to(dt), q)
                 qg = (q * tl.exp(b)[:, None]).to(dt)
                 dh = dh * tl.exp(bl)
+                # per token: the K-block's q.dq (from the dq kernel) minus its k.dk
+                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+                sq = tl.load(
+                    sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64, mask=mt, other=0.0
+                )
+                db = sq - tl.sum(k * dk, 1)
+                tl.store(
+                    dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h,
+                    tl.cumsum(db, 0, reverse=True) + tail,
+                    mask=mt,
+                )
             else:
                 dk = dk * tl.exp(bl[None, :] - b)
                 dk += _load(dki_ptr, t64, mt, pid_h, H, K, offs_k, mk)
                 qg = (q * tl.exp(b)).to(dt)
                 dh = dh * tl.exp(bl)[:, None]
-            k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-            dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
-            db = q.to(tl.float32) * dq - k * dk
-            dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
-            if GATE == 2:
+                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+                dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+                db = q.to(tl.float32) * dq - k * dk
+                dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
                 _store(dg_ptr, dg, t64, mt, pid_h, H, K, offs_k, mk)
-            else:
-                tl.store(
-                    dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, tl.sum(dg, 1), mask=mt
-                )
         _store(dk_ptr, dk, t64, mt, pid_h, H, K, offs_k, mk)
         dh += scale * tl.dot(tl.trans(qg), do)
 

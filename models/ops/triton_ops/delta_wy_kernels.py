@@ -1,0 +1,278 @@
+"""Chunk-parallel Triton kernels of the gated delta rule's WY (UT) transform and its backward.
+
+One program per (chunk, head); tensors and chunk tables as in :mod:`.delta_kernels`. With
+``b`` the in-chunk inclusive cumsum of the log gate ``g``, ``gam = exp(b)``, ``D_ij =
+exp(b_i - b_j)`` (``i >= j``, else 0) and the strictly lower ``L = tril(beta_i (k_i . k_j)
+D_ij, -1)``, the transform is::
+
+    A = (I + L)^-1;   u = A (beta v);   w = A (beta gam k)        (all [C, *], fp32)
+
+``A`` comes from an exact fp32 forward substitution inside each 16x16 diagonal block followed
+by two exact block-combination steps (16 -> 32 -> 64) with tensor-core products
+(:func:`unit_lower_inv`); it is never a power series.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from models.ops.triton_ops.delta_kernels import _rows, _tile
+
+__all__ = ["delta_wy_fwd_kernel", "delta_wy_bwd_kernel", "unit_lower_inv"]
+
+
+@triton.jit
+def unit_lower_inv(L, C: tl.constexpr, PREC: tl.constexpr):
+    """``(I + L)^-1`` of a strictly lower-triangular fp32 ``[C, C]`` tile (``C == 64``).
+
+    Diagonal 16-blocks: right-looking substitution, all four blocks at once. At step ``s`` the
+    rows with in-block index ``s`` are final; since both factors are block-diagonal, one masked
+    column sum of L and one masked row sum of T give every block's column/row ``s``, and the
+    rank-1 update is masked to the diagonal blocks. Then for the block size ``m`` = 32, 64, with
+    ``T = diag(T1, T2)`` the inverse of the two diagonal halves and ``X`` the lower off-diagonal
+    half-block of L: ``(I + L)^-1 = T - T X T`` (exact; products in precision ``PREC``).
+    """
+    r = tl.arange(0, C)
+    ri = r[:, None]
+    cj = r[None, :]
+    same = (ri // 16) == (cj // 16)
+    lb = tl.where(same, L, 0.0)
+    t = tl.where(ri == cj, 1.0, 0.0)
+    for s in tl.static_range(15):
+        trow = tl.sum(tl.where(ri % 16 == s, t, 0.0), 0)  # row s of each block  [C] over columns
+        lcol = tl.sum(tl.where(cj % 16 == s, lb, 0.0), 1)  # column s of each block [C] over rows
+        t = t - tl.where(same, lcol[:, None] * trow[None, :], 0.0)
+    t = _combine(t, L, ri, cj, 32, PREC)
+    return _combine(t, L, ri, cj, 64, PREC)
+
+
+@triton.jit
+def _combine(t, L, ri, cj, M: tl.constexpr, PREC: tl.constexpr):
+    """Inverse on diagonal M-blocks from the inverse ``t`` on diagonal M/2-blocks."""
+    half: tl.constexpr = M // 2
+    x = tl.where(((ri // M) == (cj // M)) & ((ri // half) != (cj // half)), L, 0.0)
+    xt = tl.dot(x, t, input_precision=PREC)
+    return t - tl.dot(t, xt, input_precision=PREC)
+
+
+@triton.jit
+def _gates(g_ptr, beta_ptr, rows, mi, HAS_G: tl.constexpr, C: tl.constexpr):
+    """In-chunk cumulative log gate b, beta and the decay matrix D ``[C, C]`` (0 above)."""
+    if HAS_G:
+        bb = tl.cumsum(tl.load(g_ptr + rows, mask=mi, other=0.0).to(tl.float32), 0)
+    else:
+        bb = tl.zeros([C], tl.float32)
+    beta = tl.load(beta_ptr + rows, mask=mi, other=0.0).to(tl.float32)
+    r = tl.arange(0, C)
+    dmat = tl.exp(tl.where(r[:, None] >= r[None, :], bb[:, None] - bb[None, :], float("-inf")))
+    return bb, beta, dmat
+
+
+@triton.jit
+def delta_wy_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    do_ptr,
+    b_ptr,
+    a_ptr,
+    u_ptr,
+    w_ptr,
+    dd_ptr,
+    bos_ptr,
+    eos_ptr,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    SOLVE: tl.constexpr,
+    STORE_U: tl.constexpr,
+    BWD_PREP: tl.constexpr,
+    PREC: tl.constexpr,
+    UW_PREC: tl.constexpr,
+):
+    """WY transform of one chunk. Grid ``(NCh, H)``; BK, BV are the K, V tile widths.
+
+    SOLVE: build L, solve for A and store it (``a`` ``[TT, H, C]`` fp32, row i of the chunk at
+    its token) and b ``[TT, H]`` fp32; otherwise A is loaded. PREC: precision of the solve's
+    block products, UW_PREC: of the fp32 products with A. Always stores w ``[TT, H, K]``,
+    and u ``[TT, H, V]`` if STORE_U (fp32). BWD_PREP (backward): also stores the chunk-local
+    part of the pseudo-value adjoint, ``dd = scale (tril(q k^T) * D)^T do`` ``[TT, H, V]``.
+    """
+    c, h = tl.program_id(0), tl.program_id(1)
+    rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
+    bb, beta, dmat = _gates(g_ptr, beta_ptr, rows, mi, HAS_G, C)
+    r = tl.arange(0, C)
+    ap = a_ptr + rows[:, None] * C + r[None, :]
+    am = mi[:, None]
+    if SOLVE:
+        kk = tl.zeros([C, C], tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+            kt = tl.load(kp, mask=km, other=0.0)
+            kk += tl.dot(kt, tl.trans(kt))
+        lmat = tl.where(r[:, None] > r[None, :], beta[:, None] * kk * dmat, 0.0)
+        a = unit_lower_inv(lmat, C, PREC)
+        tl.store(ap, a, mask=am)
+        tl.store(b_ptr + rows, bb, mask=mi)
+    else:
+        a = tl.load(ap, mask=am, other=0.0)
+    bg = beta * tl.exp(bb)
+    for k0 in tl.static_range(0, K, BK):
+        kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+        kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
+        wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+        tl.store(wp, tl.dot(a, kt * bg[:, None], input_precision=UW_PREC), mask=km)
+    if STORE_U:
+        for v0 in tl.static_range(0, V, BV):
+            vp, vm = _tile(v_ptr, rows, mi, V, v0 + tl.arange(0, BV))
+            vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
+            up, _ = _tile(u_ptr, rows, mi, V, v0 + tl.arange(0, BV))
+            tl.store(up, tl.dot(a, vt * beta[:, None], input_precision=UW_PREC), mask=vm)
+    if BWD_PREP:
+        qk = tl.zeros([C, C], tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+            qp, _ = _tile(q_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+            qk += tl.dot(tl.load(qp, mask=km, other=0.0), tl.trans(tl.load(kp, mask=km, other=0.0)))
+        pt = tl.trans(qk * dmat * scale)
+        for v0 in tl.static_range(0, V, BV):
+            dop, vm = _tile(do_ptr, rows, mi, V, v0 + tl.arange(0, BV))
+            ddp, _ = _tile(dd_ptr, rows, mi, V, v0 + tl.arange(0, BV))
+            tl.store(ddp, tl.dot(pt, tl.load(dop, mask=vm, other=0.0).to(tl.float32)), mask=vm)
+
+
+@triton.jit
+def delta_wy_bwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    a_ptr,
+    do_ptr,
+    dlt_ptr,
+    dd_ptr,
+    dw_ptr,
+    dqp_ptr,
+    dkp_ptr,
+    dbp_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbeta_ptr,
+    dg_ptr,
+    bos_ptr,
+    eos_ptr,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    C: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    NKP: tl.constexpr,
+    HAS_G: tl.constexpr,
+):
+    """Gradients through the intra-chunk scores and the WY transform. Grid ``(NCh, H)``.
+
+    Inputs (``[TT, H, *]``): ``delta``, its adjoint ``dd`` (from the reverse scan), ``dw`` (the
+    adjoint of w), and the inter-chunk parts ``dqp``, ``dkp`` (fp32) and ``dbp`` ``[TT, H, NKP]``
+    of dq, dk and of the cumulative-gate gradient, from :func:`delta_dqkw_kernel`. With
+    ``dA = dd (beta v)^T + dw (beta gam k)^T``, ``dL = -A^T dA A^T`` (strictly lower part) and
+    ``dP = scale do delta^T`` (lower part)::
+
+        dv = beta A^T dd;   dq = dqp + (dP*D) k;
+        dk = dkp + beta gam A^T dw + (dP*D)^T q + (F + F^T) k,   F = dL * beta_i D
+        dbeta = v.(A^T dd) + gam k.(A^T dw) + rowsum(dL * kk * D)
+        db = dbp + beta gam k.(A^T dw) + rowsum - colsum of (dP*D*qk) and of (dL*L)
+
+    and ``dg`` is the in-chunk reverse cumsum of ``db``. Writes dq, dk, dv, dbeta, dg.
+    """
+    c, h = tl.program_id(0), tl.program_id(1)
+    rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
+    bb, beta, dmat = _gates(g_ptr, beta_ptr, rows, mi, HAS_G, C)
+    r = tl.arange(0, C)
+    lower = r[:, None] >= r[None, :]
+    strict = r[:, None] > r[None, :]
+    a = tl.load(a_ptr + rows[:, None] * C + r[None, :], mask=mi[:, None], other=0.0)
+    at = tl.trans(a)
+    gam = tl.exp(bb)
+    bg = beta * gam
+    dp = tl.zeros([C, C], tl.float32)
+    da = tl.zeros([C, C], tl.float32)
+    dbeta = tl.zeros([C], tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        dop, vm = _tile(do_ptr, rows, mi, V, offs_v)
+        dlp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
+        ddp, _ = _tile(dd_ptr, rows, mi, V, offs_v)
+        vp, _ = _tile(v_ptr, rows, mi, V, offs_v)
+        do = tl.load(dop, mask=vm, other=0.0).to(tl.float32)
+        dd = tl.load(ddp, mask=vm, other=0.0)
+        vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
+        dp += tl.dot(do, tl.trans(tl.load(dlp, mask=vm, other=0.0)))
+        da += tl.dot(dd, tl.trans(vt * beta[:, None]))
+        atdd = tl.dot(at, dd)
+        dvp, _ = _tile(dv_ptr, rows, mi, V, offs_v)
+        tl.store(dvp, (atdd * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vm)
+        dbeta += tl.sum(vt * atdd, 1)
+    kk = tl.zeros([C, C], tl.float32)
+    qk = tl.zeros([C, C], tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kp, km = _tile(k_ptr, rows, mi, K, offs_k)
+        qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
+        dwp, _ = _tile(dw_ptr, rows, mi, K, offs_k)
+        kt = tl.load(kp, mask=km, other=0.0)
+        kk += tl.dot(kt, tl.trans(kt))
+        qk += tl.dot(tl.load(qp, mask=km, other=0.0), tl.trans(kt))
+        kbg = kt.to(tl.float32) * bg[:, None]
+        da += tl.dot(tl.load(dwp, mask=km, other=0.0), tl.trans(kbg))
+    dpd = tl.where(lower, dp * dmat * scale, 0.0)
+    dpp = dpd * qk
+    db = tl.sum(dpp, 1) - tl.sum(dpp, 0)
+    lmat = tl.where(strict, beta[:, None] * kk * dmat, 0.0)
+    dl = -tl.dot(tl.dot(at, da), at)
+    dl = tl.where(strict, dl, 0.0)
+    e = dl * kk * dmat
+    dbeta += tl.sum(e, 1)
+    f = dl * dmat * beta[:, None]
+    fs = f + tl.trans(f)
+    gl = dl * lmat
+    db += tl.sum(gl, 1) - tl.sum(gl, 0)
+    dpdt = tl.trans(dpd)
+    for k0 in tl.static_range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kp, km = _tile(k_ptr, rows, mi, K, offs_k)
+        qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
+        dwp, _ = _tile(dw_ptr, rows, mi, K, offs_k)
+        kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
+        qt = tl.load(qp, mask=km, other=0.0).to(tl.float32)
+        aw = tl.dot(at, tl.load(dwp, mask=km, other=0.0))
+        dqpp, _ = _tile(dqp_ptr, rows, mi, K, offs_k)
+        dkpp, _ = _tile(dkp_ptr, rows, mi, K, offs_k)
+        dq = tl.load(dqpp, mask=km, other=0.0) + tl.dot(dpd, kt)
+        dk = tl.load(dkpp, mask=km, other=0.0) + aw * bg[:, None]
+        dk += tl.dot(fs, kt) + tl.dot(dpdt, qt)
+        kaw = tl.sum(kt * aw, 1)
+        dbeta += gam * kaw
+        db += bg * kaw
+        dqo, _ = _tile(dq_ptr, rows, mi, K, offs_k)
+        dko, _ = _tile(dk_ptr, rows, mi, K, offs_k)
+        tl.store(dqo, dq.to(dq_ptr.dtype.element_ty), mask=km)
+        tl.store(dko, dk.to(dk_ptr.dtype.element_ty), mask=km)
+    for i in tl.static_range(NKP):
+        db += tl.load(dbp_ptr + rows * NKP + i, mask=mi, other=0.0)
+    tl.store(dbeta_ptr + rows, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mi)
+    if HAS_G:
+        db = tl.where(mi, db, 0.0)
+        dg = tl.sum(db, 0) - tl.cumsum(db, 0) + db
+        tl.store(dg_ptr + rows, dg.to(dg_ptr.dtype.element_ty), mask=mi)
