@@ -3,13 +3,40 @@
 Because the loss is a scalar sum, each chunk's gradients can be computed right in the forward
 (logits live for one chunk only) and merely scaled in the backward. Memory: one chunk of logits
 plus ``dhidden`` (the size of ``hidden``) and ``dweight`` (fp32, the size of the head).
+On CUDA the loss rows and ``softmax - onehot`` of each chunk come from one fused Triton kernel
+(:mod:`models.ops.triton_ops.softmax_xent`) working in the logits' own buffer; elsewhere, or
+with ``LINSCALE_CE_BACKEND=torch``, from torch ops on an fp32 (fp64 in tests) copy.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["chunked_cross_entropy"]
+
+_CE_BACKENDS = ("auto", "triton", "torch")
+
+
+def _fused_xent(logits: torch.Tensor):
+    """The fused Triton loss-and-gradient kernel for these logits, or None for the torch path.
+
+    ``LINSCALE_CE_BACKEND``: ``auto`` (Triton for CUDA fp16/bf16/fp32 logits), ``triton`` (also
+    on CPU under ``TRITON_INTERPRET=1``, tests) or ``torch``."""
+    choice = os.environ.get("LINSCALE_CE_BACKEND", "auto")
+    if choice not in _CE_BACKENDS:
+        raise ValueError(f"LINSCALE_CE_BACKEND must be one of {_CE_BACKENDS}, got {choice!r}")
+    ok_dtype = logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if choice == "torch" or not ok_dtype or (choice == "auto" and not logits.is_cuda):
+        return None
+    try:
+        from models.ops.triton_ops.softmax_xent import xent_loss_and_grad_
+    except Exception:  # noqa: BLE001 - no (working) triton: the torch path is exact too
+        if choice == "triton":
+            raise
+        return None
+    return xent_loss_and_grad_
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -33,22 +60,29 @@ class _ChunkedCE(torch.autograd.Function):
         for s in range(0, N, chunk_tokens):
             h = hidden[s : s + chunk_tokens]
             y = labels[s : s + chunk_tokens]
-            logits = (h @ weight.t()).to(cd)  # [n, V]
-            valid = y != ignore_index
-            y_safe = torch.where(valid, y, torch.zeros_like(y))
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = logits.gather(1, y_safe[:, None]).squeeze(1)
-            total += torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum()
-            if need_h or need_w:
-                # d(sum CE)/dlogits = softmax - onehot, zero on ignored rows.
-                grad = torch.softmax(logits, dim=-1)
-                grad[torch.arange(grad.shape[0], device=grad.device), y_safe] -= 1.0
-                grad *= valid[:, None]
-                g = grad.to(hidden.dtype)
-                if need_h:
-                    dh[s : s + chunk_tokens] = g @ weight
-                if need_w:
-                    dw += (g.t() @ h).to(dw.dtype)
+            logits = h @ weight.t()  # [n, V], hidden's dtype
+            fused = _fused_xent(logits)
+            if fused is not None:
+                # loss rows in fp32; logits overwritten by d(sum CE)/dlogits in their dtype
+                total += fused(logits, y, ignore_index).sum().to(cd)
+                g = logits
+            else:
+                logits = logits.to(cd)
+                valid = y != ignore_index
+                y_safe = torch.where(valid, y, torch.zeros_like(y))
+                lse = torch.logsumexp(logits, dim=-1)
+                tgt = logits.gather(1, y_safe[:, None]).squeeze(1)
+                total += torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum()
+                if need_h or need_w:
+                    # d(sum CE)/dlogits = softmax - onehot, zero on ignored rows.
+                    grad = torch.softmax(logits, dim=-1)
+                    grad[torch.arange(grad.shape[0], device=grad.device), y_safe] -= 1.0
+                    grad *= valid[:, None]
+                    g = grad.to(hidden.dtype)
+            if need_h:
+                dh[s : s + chunk_tokens] = g @ weight
+            if need_w:
+                dw += (g.t() @ h).to(dw.dtype)
         ctx.save_for_backward(dh, dw)
         return total
 
@@ -81,6 +115,12 @@ def chunked_cross_entropy(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must lie in [0, {weight.shape[0]}) (the vocabulary) or equal "
+            f"ignore_index={ignore_index}; got {labels[bad][:4].tolist()}"
+        )
     if hidden.dtype != weight.dtype:
         # Under autocast the activations are bf16 while the master weight is fp32.
         weight_c = weight.to(hidden.dtype)
