@@ -8,14 +8,20 @@ reference (relative error ``||a - b|| / ||b||``), then times forward and forward
 
     PYTHONPATH=. python benchmarks/delta_quick.py --out /tmp/delta_quick.json
 
-Options: ``--shapes 8x8192,1x131072,varlen`` (any subset), ``--no-check``, ``--no-time``.
+Options: ``--shapes 8x8192,1x131072,varlen`` (any subset), ``--no-check``, ``--no-time``,
+``--env-variants 'name:VAR=val,VAR2=val;name2:VAR=val'`` (repeatable): after the default
+settings, check and time each shape again with those ``LINSCALE_DELTA_*`` settings. The op
+reads them at every call and every one is a launch parameter or constexpr (part of Triton's
+kernel cache key), so setting ``os.environ`` between calls in one process is enough.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -134,13 +140,49 @@ def bench(x, cu) -> dict:
     return out
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, dict]]:
+    """``'name:VAR=val,VAR2=val;name2:...'`` (each spec may hold several ``;``-separated
+    variants) -> ``[("default", {}), (name, {VAR: val, ...}), ...]``."""
+    out = [("default", {})]
+    for spec in specs:
+        for item in filter(None, (x.strip() for x in spec.split(";"))):
+            name, sep, body = item.partition(":")
+            if not sep or not name:
+                raise SystemExit(f"--env-variants: expected 'name:VAR=val,...', got {item!r}")
+            env = {}
+            for kv in filter(None, (x.strip() for x in body.split(","))):
+                var, eq, val = kv.partition("=")
+                if not eq or not var:
+                    raise SystemExit(f"--env-variants: expected VAR=val in {item!r}, got {kv!r}")
+                env[var] = val
+            out.append((name, env))
+    return out
+
+
+@contextlib.contextmanager
+def environ(env: dict):
+    """Set environment variables for the duration of the block, then restore them."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default="8x8192,1x131072,varlen")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--env-variants", action="append", default=[], metavar="SPEC")
     args = ap.parse_args()
+    variants = parse_variants(args.env_variants)
     import triton
 
     if not torch.cuda.is_available():
@@ -150,21 +192,23 @@ def main() -> None:
     for name in args.shapes.split(","):
         B, T, nd = shapes[name]
         x, cu = make(B, T, nd)
-        row = {"shape": name, "B": B, "T": T, "n_docs": nd}
-        t0 = time.time()
-        if not args.no_check:
-            row["err"] = check(x, cu)
-        if not args.no_time:
-            torch.cuda.reset_peak_memory_stats()
-            row.update(bench(x, cu))
-        row["wall_s"] = time.time() - t0
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for vname, env in variants:
+            row = {"shape": name, "variant": vname, "env": env, "B": B, "T": T, "n_docs": nd}
+            t0 = time.time()
+            with environ(env):
+                if not args.no_check:
+                    row["err"] = check(x, cu)
+                if not args.no_time:
+                    torch.cuda.reset_peak_memory_stats()
+                    row.update(bench(x, cu))
+            row["wall_s"] = time.time() - t0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
         del x
         torch.cuda.empty_cache()
-    print(
-        f"\n{'shape':>9} " + " ".join(f"{n:>8}" for n in NAMES) + "  fwd ms  f+b ms  lin f+b  ratio"
-    )
+    head = " ".join(f"{n:>8}" for n in NAMES)
+    print(f"\n{'shape':>9} {'variant':>12} {head}  fwd ms  f+b ms  lin f+b  ratio")
     for r in rows:
         e = r.get("err", {})
         errs = " ".join(f"{e[n]:8.1e}" if n in e else f"{'-':>8}" for n in NAMES)
@@ -174,7 +218,7 @@ def main() -> None:
             if "delta_fwd_ms" in r
             else ""
         )
-        print(f"{r['shape']:>9} {errs}  {t}")
+        print(f"{r['shape']:>9} {r['variant'][:12]:>12} {errs}  {t}")
     meta = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,

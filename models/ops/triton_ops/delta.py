@@ -21,7 +21,17 @@ backward (A, b, the chunk-start states and delta are kept from the forward)
        scores and the WY transform; dq, dk, dv, dbeta and dg (reverse in-chunk cumsum of db).
 
 Everything inside the kernels is fp32 (products on tensor cores, tf32 for fp32 operands; the
-block combination of the triangular solve uses 3xTF32 on CUDA).
+block combinations of the triangular solve use 3xTF32 on CUDA for fp32 inputs, TF32 for
+16-bit ones).
+
+Launch settings, read at every call (each is a launch parameter or constexpr, so changing one
+between calls compiles a new variant), invalid values raise ValueError:
+``LINSCALE_DELTA_SOLVE_PREC`` / ``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee; see
+:func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,SCAN,DQKW,WYBWD}_WARPS`` (4, 8),
+``LINSCALE_DELTA_SCAN_STAGES`` (1-3), ``LINSCALE_DELTA_SCAN_BV`` (16, 32, 64),
+``LINSCALE_DELTA_DQKW_BV`` (16, 32, 64), ``LINSCALE_DELTA_DQKW_STAGES`` (1-3) and
+``LINSCALE_DELTA_WYBWD_BLOCK`` (16, 32, 64: the K and V tile widths of the WY backward,
+default 32).
 """
 
 from __future__ import annotations
@@ -46,29 +56,60 @@ def _p2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
+_PRECS = ("tf32x3", "tf32", "ieee")
+
+
+def _knob(name: str, default, allowed: tuple):
+    """Launch setting from environment variable ``name`` (read at every call, so that it can be
+    changed between calls: every setting is a launch parameter or constexpr, hence part of
+    Triton's kernel cache key). Raises ValueError on a value outside ``allowed``."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    kind = type(allowed[0])
+    try:
+        val = kind(raw)
+    except ValueError:
+        val = None
+    if val not in allowed:
+        raise ValueError(f"{name}={raw!r}: expected one of {', '.join(map(str, allowed))}")
+    return val
+
+
 def _scan_bv(n_seq: int, H: int, V: int, device: torch.device) -> int:
-    """V tile of the sequential scans: narrower tiles give more programs with few sequences."""
-    return 32 if n_seq * H * triton.cdiv(V, 32) >= 2 * num_sms(device) else 16
+    """V tile of the sequential scans (``LINSCALE_DELTA_SCAN_BV`` 16/32/64 overrides): narrower
+    tiles give more programs with few sequences."""
+    auto = 32 if n_seq * H * triton.cdiv(V, 32) >= 2 * num_sms(device) else 16
+    return _knob("LINSCALE_DELTA_SCAN_BV", auto, (16, 32, 64))
 
 
 def _prec(x: torch.Tensor) -> dict:
-    """Precisions of the fp32 products of the WY kernel: the solve's block combination (3xTF32
-    on CUDA) and ``A (beta v)``, ``A (beta gam k)`` (3xTF32 for fp32 inputs, TF32 for 16-bit
-    ones; ``LINSCALE_DELTA_UW_PREC`` overrides). The interpreter takes "ieee"."""
+    """Precisions of the fp32 products of the WY kernel: the solve's block combinations
+    (``LINSCALE_DELTA_SOLVE_PREC``; default 3xTF32 for fp32 inputs and TF32 for 16-bit ones,
+    whose keys are already rounded to 8 bits: TF32 leaves ~5e-4 relative error in A, 3xTF32
+    fp32-level error at twice the registers) and ``A (beta v)``, ``A (beta gam k)``
+    (``LINSCALE_DELTA_UW_PREC``; 3xTF32 for fp32 inputs, TF32 for 16-bit ones). Values:
+    tf32x3, tf32, ieee. The interpreter takes "ieee"."""
     if x.device.type != "cuda":
         return dict(PREC="ieee", UW_PREC="ieee")
-    uw = os.environ.get("LINSCALE_DELTA_UW_PREC") or (
-        "tf32x3" if x.dtype == torch.float32 else "tf32"
-    )
-    return dict(PREC="tf32x3", UW_PREC=uw)
+    lowp = x.dtype != torch.float32
+    solve = _knob("LINSCALE_DELTA_SOLVE_PREC", "tf32" if lowp else "tf32x3", _PRECS)
+    uw = _knob("LINSCALE_DELTA_UW_PREC", "tf32" if lowp else "tf32x3", _PRECS)
+    return dict(PREC=solve, UW_PREC=uw)
+
+
+def _warps(name: str, default: int) -> int:
+    """``num_warps`` of one kernel from ``LINSCALE_DELTA_<name>_WARPS`` (4 or 8)."""
+    return _knob(f"LINSCALE_DELTA_{name}_WARPS", default, (4, 8))
 
 
 def _launch_scan(kernel, grid, *args, K: int, **kw):
     """Launch a sequential scan with its loads pipelined one chunk ahead (``num_stages`` from
-    ``LINSCALE_DELTA_SCAN_STAGES``, default 2), falling back to one stage if the tiles do not
-    fit in shared memory."""
-    stages = int(os.environ.get("LINSCALE_DELTA_SCAN_STAGES", "2"))
-    nw = 4 if K <= 128 else 8
+    ``LINSCALE_DELTA_SCAN_STAGES``, 1 to 3, default 2; ``num_warps`` from
+    ``LINSCALE_DELTA_SCAN_WARPS``), falling back to one stage if the tiles do not fit in shared
+    memory."""
+    stages = _knob("LINSCALE_DELTA_SCAN_STAGES", 2, (1, 2, 3))
+    nw = _warps("SCAN", 4 if K <= 128 else 8)
     try:
         kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=stages)
     except OutOfResources:
@@ -102,7 +143,7 @@ class _GatedDelta(torch.autograd.Function):
         wk.delta_wy_fwd_kernel[(nch, H)](
             q, k, v, gf, beta, q, b, a, u, w, u, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=True, STORE_U=True,
-            BWD_PREP=False, **_prec(q), num_warps=4, num_stages=1,
+            BWD_PREP=False, **_prec(q), num_warps=_warps("WY", 4), num_stages=1,
         )  # fmt: skip
         hc = torch.empty(nch, H, K, V, **f32)
         dlt = torch.empty(TT, H, V, **f32)
@@ -119,7 +160,7 @@ class _GatedDelta(torch.autograd.Function):
         o = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
         ck.delta_out_kernel[(triton.cdiv(V, bv), nch, H)](
             q, k, b, hc, dlt, o, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, num_warps=4, num_stages=1,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, num_warps=_warps("OUT", 4), num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt)
         ctx.meta = (B, T, H, K, V, scale, grp)
@@ -142,7 +183,7 @@ class _GatedDelta(torch.autograd.Function):
         wk.delta_wy_fwd_kernel[(nch, H)](
             q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False, STORE_U=False,
-            BWD_PREP=True, **_prec(q), num_warps=4, num_stages=1,
+            BWD_PREP=True, **_prec(q), num_warps=_warps("WY", 4), num_stages=1,
         )  # fmt: skip
         dhc = torch.empty(nch, H, K, V, **f32)
         dh0 = torch.empty(N, H, K, V, **f32)
@@ -156,9 +197,11 @@ class _GatedDelta(torch.autograd.Function):
         dqp = torch.empty(TT, H, K, **f32)
         dkp = torch.empty(TT, H, K, **f32)
         dbp = torch.empty(TT, H, nkp, **f32)
+        bvd = _knob("LINSCALE_DELTA_DQKW_BV", 32, (16, 32, 64))  # V tile of the dqkw kernel
         ck.delta_dqkw_kernel[(nkp, nch, H)](
             q, k, b, hc, dhc, do, dlt, dd, dqp, dkp, w, dbp, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=min(32, bv), NKP=nkp, num_warps=8, num_stages=1,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=min(bvd, bv), NKP=nkp, num_warps=_warps("DQKW", 8),
+            num_stages=_knob("LINSCALE_DELTA_DQKW_STAGES", 1, (1, 2, 3)),
         )  # fmt: skip
         del dhc
         dw = w  # the dqkw kernel overwrote w with its adjoint
@@ -167,11 +210,12 @@ class _GatedDelta(torch.autograd.Function):
         dv = torch.empty_like(v)
         dbeta = torch.empty_like(beta)
         dg = torch.empty(TT, H, device=dev, dtype=g.dtype) if g is not None else dbeta
+        bkb = _knob("LINSCALE_DELTA_WYBWD_BLOCK", 32, (16, 32, 64))  # its K and V tile widths
         wk.delta_wy_bwd_kernel[(nch, H)](
             q, k, v, gf, beta, a, do, dlt, dd, dw, dqp, dkp, dbp, dq, dk, dv, dbeta, dg,
             grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, NKP=nkp, HAS_G=g is not None,
-            num_warps=8, num_stages=1,
+            H=H, K=K, V=V, C=_C, BK=min(bkb, bk), BV=min(bkb, bv), NKP=nkp, HAS_G=g is not None,
+            num_warps=_warps("WYBWD", 8), num_stages=1,
         )  # fmt: skip
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return (

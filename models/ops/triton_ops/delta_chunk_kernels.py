@@ -101,7 +101,7 @@ def delta_dqkw_kernel(
     dka = tl.zeros([C, BK], tl.float32)
     dwa = tl.zeros([C, BK], tl.float32)
     dgam = tl.zeros([BK], tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in tl.range(0, V, BV):
         offs_v = v0 + tl.arange(0, BV)
         dop, vm = _tile(do_ptr, rows, mi, V, offs_v)
         dlp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)

@@ -7,9 +7,8 @@ D_ij, -1)``, the transform is::
 
     A = (I + L)^-1;   u = A (beta v);   w = A (beta gam k)        (all [C, *], fp32)
 
-``A`` comes from an exact fp32 forward substitution inside each 16x16 diagonal block followed
-by two exact block-combination steps (16 -> 32 -> 64) with tensor-core products
-(:func:`unit_lower_inv`); it is never a power series.
+``A`` comes from an exact recursive block inversion (2 -> 4 -> ... -> 64) with tensor-core
+products (:func:`unit_lower_inv`); it is never a power series.
 """
 
 from __future__ import annotations
@@ -26,23 +25,22 @@ __all__ = ["delta_wy_fwd_kernel", "delta_wy_bwd_kernel", "unit_lower_inv"]
 def unit_lower_inv(L, C: tl.constexpr, PREC: tl.constexpr):
     """``(I + L)^-1`` of a strictly lower-triangular fp32 ``[C, C]`` tile (``C == 64``).
 
-    Diagonal 16-blocks: right-looking substitution, all four blocks at once. At step ``s`` the
-    rows with in-block index ``s`` are final; since both factors are block-diagonal, one masked
-    column sum of L and one masked row sum of T give every block's column/row ``s``, and the
-    rank-1 update is masked to the diagonal blocks. Then for the block size ``m`` = 32, 64, with
-    ``T = diag(T1, T2)`` the inverse of the two diagonal halves and ``X`` the lower off-diagonal
-    half-block of L: ``(I + L)^-1 = T - T X T`` (exact; products in precision ``PREC``).
+    Exact recursive block inversion, never a power series: on the diagonal 2-blocks the inverse
+    is ``I - L`` (their strictly lower part squares to zero); then for the block size ``m`` = 4,
+    8, ..., C, with ``T = diag(T1, T2)`` the inverse on the diagonal m/2-blocks and ``X`` the
+    lower off-diagonal half of each m-block of L, ``(I + L)^-1 = T - T X T`` on the m-blocks
+    (the block formula ``[[T1, 0], [-T2 X T1, T2]]``; products in precision ``PREC``). Every
+    entry formed is an entry of an inverse of a principal block of ``I + L``: no intermediate
+    grows beyond the result, unlike ``prod (I + (-L)^(2^i))``. Five levels of two tensor-core
+    products replace the 64-wide, barrier-bound reductions of a row-by-row substitution.
     """
     r = tl.arange(0, C)
     ri = r[:, None]
     cj = r[None, :]
-    same = (ri // 16) == (cj // 16)
-    lb = tl.where(same, L, 0.0)
-    t = tl.where(ri == cj, 1.0, 0.0)
-    for s in tl.static_range(15):
-        trow = tl.sum(tl.where(ri % 16 == s, t, 0.0), 0)  # row s of each block  [C] over columns
-        lcol = tl.sum(tl.where(cj % 16 == s, lb, 0.0), 1)  # column s of each block [C] over rows
-        t = t - tl.where(same, lcol[:, None] * trow[None, :], 0.0)
+    t = tl.where(ri == cj, 1.0, 0.0) - tl.where((ri // 2) == (cj // 2), L, 0.0)
+    t = _combine(t, L, ri, cj, 4, PREC)
+    t = _combine(t, L, ri, cj, 8, PREC)
+    t = _combine(t, L, ri, cj, 16, PREC)
     t = _combine(t, L, ri, cj, 32, PREC)
     return _combine(t, L, ri, cj, 64, PREC)
 
@@ -200,16 +198,15 @@ def delta_wy_bwd_kernel(
     rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
     bb, beta, dmat = _gates(g_ptr, beta_ptr, rows, mi, HAS_G, C)
     r = tl.arange(0, C)
-    lower = r[:, None] >= r[None, :]
-    strict = r[:, None] > r[None, :]
-    a = tl.load(a_ptr + rows[:, None] * C + r[None, :], mask=mi[:, None], other=0.0)
-    at = tl.trans(a)
+    # A^T loaded directly (A is only used transposed); the [C, C] tiles below are consumed as
+    # soon as possible, to keep few of them live at once (register pressure)
+    at = tl.load(a_ptr + rows[None, :] * C + r[:, None], mask=mi[None, :], other=0.0)
     gam = tl.exp(bb)
     bg = beta * gam
     dp = tl.zeros([C, C], tl.float32)
     da = tl.zeros([C, C], tl.float32)
     dbeta = tl.zeros([C], tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in tl.range(0, V, BV):
         offs_v = v0 + tl.arange(0, BV)
         dop, vm = _tile(do_ptr, rows, mi, V, offs_v)
         dlp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
@@ -224,9 +221,10 @@ def delta_wy_bwd_kernel(
         dvp, _ = _tile(dv_ptr, rows, mi, V, offs_v)
         tl.store(dvp, (atdd * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vm)
         dbeta += tl.sum(vt * atdd, 1)
+    dpd = tl.where(r[:, None] >= r[None, :], dp * dmat * scale, 0.0)
     kk = tl.zeros([C, C], tl.float32)
     qk = tl.zeros([C, C], tl.float32)
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in tl.range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         kp, km = _tile(k_ptr, rows, mi, K, offs_k)
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
@@ -236,20 +234,17 @@ def delta_wy_bwd_kernel(
         qk += tl.dot(tl.load(qp, mask=km, other=0.0), tl.trans(kt))
         kbg = kt.to(tl.float32) * bg[:, None]
         da += tl.dot(tl.load(dwp, mask=km, other=0.0), tl.trans(kbg))
-    dpd = tl.where(lower, dp * dmat * scale, 0.0)
     dpp = dpd * qk
     db = tl.sum(dpp, 1) - tl.sum(dpp, 0)
-    lmat = tl.where(strict, beta[:, None] * kk * dmat, 0.0)
-    dl = -tl.dot(tl.dot(at, da), at)
-    dl = tl.where(strict, dl, 0.0)
-    e = dl * kk * dmat
+    dl = tl.where(r[:, None] > r[None, :], -tl.dot(tl.dot(at, da), at), 0.0)
+    e = dl * kk * dmat  # dL * kk * D; dL * L = beta_i e
     dbeta += tl.sum(e, 1)
+    gl = e * beta[:, None]
+    db += tl.sum(gl, 1) - tl.sum(gl, 0)
     f = dl * dmat * beta[:, None]
     fs = f + tl.trans(f)
-    gl = dl * lmat
-    db += tl.sum(gl, 1) - tl.sum(gl, 0)
     dpdt = tl.trans(dpd)
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in tl.range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         kp, km = _tile(k_ptr, rows, mi, K, offs_k)
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
@@ -259,9 +254,9 @@ def delta_wy_bwd_kernel(
         aw = tl.dot(at, tl.load(dwp, mask=km, other=0.0))
         dqpp, _ = _tile(dqp_ptr, rows, mi, K, offs_k)
         dkpp, _ = _tile(dkp_ptr, rows, mi, K, offs_k)
-        dq = tl.load(dqpp, mask=km, other=0.0) + tl.dot(dpd, kt)
+        dq = tl.dot(dpd, kt, tl.load(dqpp, mask=km, other=0.0))
         dk = tl.load(dkpp, mask=km, other=0.0) + aw * bg[:, None]
-        dk += tl.dot(fs, kt) + tl.dot(dpdt, qt)
+        dk = tl.dot(dpdt, qt, tl.dot(fs, kt, dk))
         kaw = tl.sum(kt * aw, 1)
         dbeta += gam * kaw
         db += bg * kaw
