@@ -24,17 +24,17 @@ D = 128
 SHAPES = [(2, 8192, 4, None), (1, 131072, 2, None), (1, 32768, 4, 5)]
 
 
-def _inputs(variant, B, T, H, n_docs, dtype, seed):
+def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D):
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def rn(*s):
         return torch.randn(*s, device="cuda", generator=gen)
 
-    x = {"q": rn(B, T, H, D), "k": rn(B, T, H, D), "v": rn(B, T, H, D)}
+    x = {"q": rn(B, T, H, K), "k": rn(B, T, H, K), "v": rn(B, T, H, V)}
     if variant in ("scalar", "gated_delta"):
         x["g"] = F.logsigmoid(rn(B, T, H) + 1)
     if variant == "gla":
-        x["gk"] = F.logsigmoid(rn(B, T, H, D)) / 16
+        x["gk"] = F.logsigmoid(rn(B, T, H, K)) / 16
     if variant == "gated_delta":
         x["k"] = F.normalize(x["k"], dim=-1)
         x["beta"] = torch.rand(B, T, H, device="cuda", generator=gen)
@@ -44,7 +44,7 @@ def _inputs(variant, B, T, H, n_docs, dtype, seed):
         cuts = torch.randperm(T - 1, device="cuda", generator=gen)[: n_docs - 1] + 1
         cu = torch.cat([cuts.new_zeros(1), cuts.sort().values, cuts.new_full((1,), T)])
         n = n_docs
-    x["initial_state"] = rn(n, H, D, D) * 0.1
+    x["initial_state"] = rn(n, H, K, V) * 0.1
     for name in ("q", "k", "v"):
         x[name] = x[name].to(dtype)
     return x, cu
@@ -79,11 +79,11 @@ def _run(backend, variant, x, cu, wo, wh):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
 @pytest.mark.parametrize("variant", ["linear", "scalar", "gla", "gated_delta"])
-def test_kernel_vs_fp32_reference(variant, shape, dtype):
+def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D):
     B, T, H, n_docs = shape
-    x, cu = _inputs(variant, B, T, H, n_docs, dtype, seed=T + H)
+    x, cu = _inputs(variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    wo = torch.randn(B, T, H, D, device="cuda", generator=gen)
+    wo = torch.randn(B, T, H, V, device="cuda", generator=gen)
     wh = torch.randn(x["initial_state"].shape, device="cuda", generator=gen)
     got = _run("triton", variant, x, cu, wo, wh)
     # The reference sees the same (rounded) inputs, upcast: only the kernels' error is measured.
@@ -93,7 +93,7 @@ def test_kernel_vs_fp32_reference(variant, shape, dtype):
     for n, r in ref.items():
         assert not torch.isnan(got[n]).any(), f"NaN in {n}"
         errs[n] = ((got[n] - r).norm() / r.norm().clamp_min(1e-30)).item()
-    print(variant, shape, dtype, {n: f"{e:.2e}" for n, e in errs.items()})
+    print(variant, shape, dtype, (K, V), {n: f"{e:.2e}" for n, e in errs.items()})
     bad = {n: e for n, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]}: {bad}; all: {errs}"
 
@@ -103,3 +103,10 @@ def test_gla_intra_v1_vs_fp32_reference(dtype, monkeypatch):
     """The older per-chunk GLA intra-chunk kernels (opt-in, LINSCALE_GLA_INTRA=v1), 8K x 2."""
     monkeypatch.setenv("LINSCALE_GLA_INTRA", "v1")
     test_kernel_vs_fp32_reference("gla", (2, 8192, 4, None), dtype)
+
+
+@pytest.mark.parametrize("kv", [(256, 256), (64, 192)], ids=["K256V256", "K64V192"])
+@pytest.mark.parametrize("variant", ["linear", "scalar", "gla", "gated_delta"])
+def test_wide_and_unequal_heads(variant, kv):
+    """Head sizes other than 128 (the widest allowed, and K != V) pick other tiles and warps."""
+    test_kernel_vs_fp32_reference(variant, (1, 8192, 2, 3), torch.bfloat16, K=kv[0], V=kv[1])
