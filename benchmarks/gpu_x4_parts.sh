@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # 4-GPU device calls, one part or several per call (each under its own timeout, results and
-# logs under $OUT): check = bf16 SP correctness vs one GPU; weak-serial = weak pure-linear
-# scaling with the serial LASP-2 schedule; strong = strong scaling at 128K in total; pp = the
-# 32K pipeline grid of 1F1B against ZBVZeroBubble (pp = 2 with sp = 2, pp = 4) and pp = 1.
+# logs under $OUT): check = bf16 SP correctness vs one GPU; weak = weak scaling (pure linear
+# and hybrid); weak-serial = weak pure-linear scaling with the serial LASP-2 schedule; strong =
+# strong scaling at 128K in total; pp = the 32K pipeline grid of 1F1B against ZBVZeroBubble
+# (pp = 2 with sp = 2, pp = 4) and pp = 1; pp-quick = the 8K pipeline smoke grid; e2e = the
+# one-GPU trainer against the plain PyTorch baseline (GPU 0).
 # Usage (on the device, repo root): bash benchmarks/gpu_x4_parts.sh check weak-serial ...
 set -u
 OUT=${OUT:-/tmp/out}
@@ -25,6 +27,8 @@ for part in "$@"; do
   case $part in
     check) run sp_check ${T_CHECK:-120} $TR benchmarks/gpu_sp_check.py \
       --out "$OUT/gpu_sp_check.json" ;;
+    weak) run sp_weak ${T_WEAK:-240} $TR benchmarks/sp_scaling.py \
+      --only ${SP_ONLY:-weak-linear,weak-hybrid} --steps 3 --out "$OUT/sp_weak.json" ;;
     weak-serial) run sp_weak_serial ${T_WEAK:-240} $TR benchmarks/sp_scaling.py \
       --only weak-linear --lasp2-schedule serial --steps 3 --out "$OUT/sp_weak_serial.json" ;;
     strong) run sp_strong ${T_STRONG:-300} $TR benchmarks/sp_scaling.py \
@@ -32,6 +36,11 @@ for part in "$@"; do
       --out "$OUT/sp_strong.json" ;;
     pp) run pipeline ${T_PP:-330} $TR benchmarks/pipeline.py --schedules 1F1B,ZBVZeroBubble \
       --only ${PP_ONLY:-pp1-sp4,pp2-sp2,pp4} --warmup 1 --steps 2 --out "$OUT/pipeline.json" ;;
+    pp-quick) run pipeline_quick ${T_PP:-120} $TR benchmarks/pipeline.py --quick \
+      --out "$OUT/pipeline_quick.json" ;;
+    e2e) CUDA_VISIBLE_DEVICES=0 run e2e ${T_E2E:-330} python3 benchmarks/e2e_trainer.py \
+      --seq-lens 32768 --ac full,partial:2,partial:4 --steps 4 --warmup 1 \
+      --out "$OUT/e2e_trainer.json" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

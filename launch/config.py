@@ -72,10 +72,12 @@ class ParallelConfig:
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     """How a sequence is split over the SP group: contiguous slices, or zigzag (2*sp slices,
     rank r holds r and 2*sp-1-r) to balance causal softmax work in hybrids."""
-    lasp2_schedule: Literal["overlap", "serial"] = "overlap"
-    """LASP-2 for the linear/scalar/GLA layers: overlap (the intra-slice op from a zero state
-    runs while the state AllGather flies, then the incoming-state term is added) or serial
-    (AllGather first, then one op call from the incoming state: no separate cross term)."""
+    lasp2_schedule: Literal["overlap", "serial"] = "serial"
+    """LASP-2 for the linear/scalar/GLA layers: serial (AllGather first, then one op call from
+    the incoming state: no separate cross term) or overlap (the intra-slice op from a zero state
+    runs while the state AllGather flies, then the incoming-state term is added). Serial is the
+    default: on 4 x H100 it was 860 ms against 922 ms per step for overlap at 128K over sp = 4
+    (benchmarks/README.md), the one-layer AllGather it exposes being ~40 us."""
     pp_schedule: Literal[
         "GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"
     ] = "1F1B"

@@ -105,7 +105,7 @@ def _train_worker(rank, world, run_dir):
             *FAST,
             "parallel.sp=2",
             "parallel.layout=zigzag",
-            "parallel.lasp2_schedule=serial",
+            "parallel.lasp2_schedule=overlap",
             f"logging.run_dir={run_dir}",
         ],
     )
@@ -113,7 +113,8 @@ def _train_worker(rank, world, run_dir):
 
 
 @pytest.mark.timeout(240)
-def test_trainer_with_serial_schedule_matches_one_process(tmp_path):
+def test_trainer_with_overlap_schedule_matches_one_process(tmp_path):
+    """The default (serial) runs in the other SP trainer tests; this one sets overlap."""
     from launch.config import load_config
     from launch.trainer import Trainer
 
