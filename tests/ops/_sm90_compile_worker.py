@@ -1,20 +1,26 @@
 """Subprocess side of test_sm90_compile.py: record the Triton launches of the public ops under
 the interpreter, then compile each recorded launch for sm_90 with the real compiler.
 
-``python tests/ops/_sm90_compile_worker.py record OUT.json`` (needs ``TRITON_INTERPRET=1``)
-runs the public ops forward and backward on small CPU inputs (bf16 and fp32, production
-head sizes) and writes every distinct launch: the kernel (module and name), its signature as
-Triton's CUDA launcher would specialise it (``*bf16``, ``i32`` ..., with the divisibility-by-16
-attributes), its constexprs and its launch options (``num_warps``, ``num_stages``).
+Modes (``python tests/ops/_sm90_compile_worker.py MODE ...``):
 
-``python tests/ops/_sm90_compile_worker.py compile IN.json OUT.json`` (without
-``TRITON_INTERPRET``) compiles each of them with ``triton.compile`` for
-``GPUTarget("cuda", 90, 128)`` in a process pool, and writes per launch either the error or
-the registers, spills and shared memory of the cubin.
+``record OUT.json [SHARD NSHARDS]`` (needs ``TRITON_INTERPRET=1``)
+    Runs the public ops forward and backward (:data:`CASES`, every NSHARDS-th one from SHARD)
+    and the fused cross-entropy on small CPU inputs, and writes every distinct launch: the
+    kernel (module and name), its signature as Triton's CUDA launcher would specialise it
+    (``*bf16``, ``i32``, ... and the divisible-by-16 attributes), its constexprs and its launch
+    options (``num_warps``, ``num_stages``).
+``compile IN.json OUT.json`` (without ``TRITON_INTERPRET``)
+    Compiles each launch with ``triton.compile`` for ``GPUTarget("cuda", 90, 128)`` in a
+    process pool; writes per launch the compiler's error, or the registers, spills and shared
+    memory of the cubin, and the names of all kernels of the package.
+``selfcheck OUT.json`` (without ``TRITON_INTERPRET``)
+    Compiles the two synthetic kernels below through the same path: one reads a plain Python
+    global (must fail), the other a ``tl.constexpr`` global (must compile).
+``interpret-selfcheck`` (with ``TRITON_INTERPRET=1``)
+    Runs the plain-global kernel in the interpreter, which accepts it (the gap this guards).
 
-The two steps run in separate processes because ``TRITON_INTERPRET`` is read when a kernel is
-decorated: under the interpreter the kernels are ``InterpretedFunction`` objects that cannot be
-compiled, without it they cannot run on the CPU.
+Recording and compiling are separate processes because ``TRITON_INTERPRET`` is read when a
+kernel is decorated: interpreted kernels cannot be compiled, compiled ones cannot run on a CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import triton
+import triton.language as tl
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path:
@@ -40,10 +49,13 @@ if str(ROOT) not in sys.path:
 ARCH = 90
 WARP_SIZE = 32
 H100_SMS = 132
-# cudaDevAttrMaxSharedMemoryPerBlockOptin of the H100 (227 KiB): what Triton compares
-# ``metadata.shared`` against before a launch (OutOfResources above it).
+# cudaDevAttrMaxSharedMemoryPerBlockOptin of the H100 (227 KiB), what Triton compares
+# ``metadata.shared`` with before a launch (OutOfResources above it).
 SM90_MAX_SHARED = 232448
 PACKAGE = "models.ops.triton_ops"
+# Each launch configuration is interpreted the first time it is seen and only recorded after
+# that (nothing here checks values); SM90_RECORD_EXECUTE_ALL=1 interprets every launch.
+EXECUTE_ALL = os.environ.get("SM90_RECORD_EXECUTE_ALL") == "1"
 
 
 def _target():
@@ -53,14 +65,50 @@ def _target():
 
 
 # --------------------------------------------------------------------------------------------
+# synthetic kernels of the self-check: the bug that reached the H100 (softmax_xent's _NEG)
+# --------------------------------------------------------------------------------------------
+
+SELFCHECK_PLAIN = -1.0e30  # a plain Python float: "Cannot access global variable" on the GPU
+SELFCHECK_CONST = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def selfcheck_plain_global_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=SELFCHECK_PLAIN)
+    tl.store(x_ptr + offs, tl.maximum(x, SELFCHECK_PLAIN), mask=offs < n)
+
+
+@triton.jit
+def selfcheck_constexpr_global_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=SELFCHECK_CONST)
+    tl.store(x_ptr + offs, tl.maximum(x, SELFCHECK_CONST), mask=offs < n)
+
+
+def selfcheck_launch(name: str) -> dict:
+    """A launch record of a synthetic kernel, as :class:`Recorder` would write it."""
+    return {
+        "module": "_sm90_compile_worker",
+        "name": name,
+        "signature": {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+        "constexprs": [[[2], 128]],
+        "attrs": [[[0], [["tt.divisibility", 16]]]],
+        "options": {"num_warps": 4, "num_stages": 3},
+        "stage1_fallback": False,
+        "cases": ["selfcheck"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # record (TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
 
 
 class Recorder:
     """Wraps ``InterpretedFunction.run`` (what ``kernel[grid](...)`` calls under the
-    interpreter) and specialises each launch the way ``JITFunction.run`` would for a CUDA
-    target, with Triton's own binder (``create_function_from_signature``) and ``_pack_args``."""
+    interpreter) and specialises each launch as ``JITFunction.run`` would for a CUDA target,
+    with Triton's own binder (``create_function_from_signature``) and argument packing."""
 
     def __init__(self):
         from triton.compiler import make_backend
@@ -68,7 +116,7 @@ class Recorder:
         self.backend = make_backend(_target())
         self.launches: dict[str, dict] = {}
         self.case = ""
-        self.fallback_stage1 = False
+        self.stage1_fallback = False
         self._binders: dict = {}
 
     def _binder(self, fn):
@@ -80,29 +128,47 @@ class Recorder:
             self._binders[fn] = (jf, binder)
         return self._binders[fn]
 
-    def record(self, fn, args, kwargs):
-        from triton.backends.nvidia.compiler import CUDAOptions
+    def _pack(self, jf, kwargs, bound_args, specialization, options):
+        """(signature, constexprs, attrs) exactly as JITFunction.run passes them to compile."""
+        if hasattr(jf, "_pack_args"):
+            _, sig, consts, attrs = jf._pack_args(
+                self.backend, dict(kwargs), bound_args, specialization, options
+            )
+            return sig, consts, attrs
+        from triton._utils import find_paths_if, get_iterable_path
 
+        sigvals = [x[0] for x in specialization]
+        sig = {p.name: v for p, v in zip(jf.params, sigvals)}
+        paths = find_paths_if(sigvals, lambda _, v: v == "constexpr")
+        consts = {p: get_iterable_path(list(bound_args.values()), p) for p in paths}
+        attrvals = ["" if x[0] == "constexpr" else x[1] for x in specialization]
+        paths = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+        attrs = {p: self.backend.parse_attr(get_iterable_path(attrvals, p)) for p in paths}
+        return sig, consts, attrs
+
+    def record(self, fn, args, kwargs) -> bool:
+        """Record one launch; True the first time its configuration is seen."""
         jf, binder = self._binder(fn)
         bound_args, specialization, options = binder(*args, **kwargs)
-        opts, signature, constexprs, attrs = jf._pack_args(
-            self.backend, dict(kwargs), bound_args, specialization, options
-        )
-        launch_opts = {k: v for k, v in kwargs.items() if k in CUDAOptions.__dataclass_fields__}
-        launch_opts.update(num_warps=opts.num_warps, num_stages=opts.num_stages)
+        sig, consts, attrs = self._pack(jf, kwargs, bound_args, specialization, options)
+        parsed = self.backend.parse_options(dict(kwargs))
+        launch_opts = {k: v for k, v in kwargs.items() if k in parsed.__dict__}
+        launch_opts.update(num_warps=parsed.num_warps, num_stages=parsed.num_stages)
         entry = {
             "module": fn.__module__,
             "name": fn.__qualname__,
-            "signature": signature,
-            "constexprs": [[list(p), _jsonable(v)] for p, v in sorted(constexprs.items())],
+            "signature": sig,
+            "constexprs": [[list(p), _jsonable(v)] for p, v in sorted(consts.items())],
             "attrs": [[list(p), v] for p, v in sorted(attrs.items())],
             "options": dict(sorted(launch_opts.items())),
-            "stage1_fallback": self.fallback_stage1,
+            "stage1_fallback": self.stage1_fallback,
         }
         key = json.dumps(entry, sort_keys=True)
+        new = key not in self.launches
         seen = self.launches.setdefault(key, dict(entry, cases=[]))
         if self.case not in seen["cases"]:
             seen["cases"].append(self.case)
+        return new
 
 
 def _jsonable(v):
@@ -112,8 +178,9 @@ def _jsonable(v):
 
 
 def _install(rec: Recorder) -> None:
-    """Hook the interpreter's launcher, and make the host code choose what it would on an
-    H100 (precisions of the delta WY kernel, SM count) although the tensors are on the CPU."""
+    """Hook the interpreter's launcher, and let the host code choose what it would on an H100
+    (precisions of the delta rule's WY products, SM count) although the tensors are on the CPU.
+    """
     import torch
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -123,14 +190,15 @@ def _install(rec: Recorder) -> None:
     orig_run = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        rec.record(self.fn, args, kwargs)
-        return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if rec.record(self.fn, args, kwargs) or EXECUTE_ALL:
+            return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
     InterpretedFunction.run = run
 
     orig_prec = delta._prec
 
-    class _OnCuda:  # what _prec looks at: the device type and the dtype
+    class _OnCuda:  # all that _prec reads of its tensor
         def __init__(self, x):
             self.device, self.dtype = torch.device("cuda"), x.dtype
 
@@ -140,17 +208,41 @@ def _install(rec: Recorder) -> None:
     orig_scan = delta._launch_scan
 
     def launch_scan(*args, **kwargs):
-        # The scans retry with num_stages=1 when the pipelined tiles exceed shared memory.
-        rec.fallback_stage1 = True
+        # _launch_scan retries with num_stages=1 when the pipelined tiles exceed shared memory
+        rec.stage1_fallback = True
         try:
             return orig_scan(*args, **kwargs)
         finally:
-            rec.fallback_stage1 = False
+            rec.stage1_fallback = False
 
     delta._launch_scan = launch_scan
 
 
-def _inputs(kind, B, T, H, K, V, dtype, *, cu=None, state=False, seed=0):
+# (kind, dtype, K, V, varlen, state, env). Head sizes 128, 256 and 64 / 192; 128 / 256 and
+# 64 / 192 with states are what LASP-2's gated delta rule passes (values [v | 0], K + V wide).
+# T = 320: five chunks of 64 in two groups; varlen: three documents in 300 tokens (a count
+# that is not a multiple of 16, which changes the integer specialisations).
+_SHAPES = ((128, 128), (256, 256), (64, 192))
+CASES: list[tuple] = []
+for _kind in ("linear", "scalar", "gla", "gated_delta"):
+    CASES += [(_kind, "bf16", K, V, False, False, {}) for K, V in _SHAPES]
+    CASES += [
+        (_kind, "bf16", 128, 128, False, True, {}),  # initial state, final state and its grad
+        (_kind, "bf16", 128, 128, True, False, {}),  # packed documents (cu_seqlens)
+        (_kind, "fp32", 128, 128, False, False, {}),  # fp32 inputs: other stages / precisions
+    ]
+CASES += [
+    ("gated_delta", "bf16", 128, 256, False, True, {}),
+    ("gated_delta", "bf16", 64, 192, False, True, {}),
+    ("delta", "bf16", 128, 128, False, False, {}),  # chunk_gated_delta_rule with g=None
+    # the scans' V tile with many sequences x heads (auto picks 32 there, 16 at this size)
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
+    # the older GLA intra-chunk kernels, still selectable
+    ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v1"}),
+]
+
+
+def _inputs(kind, T, H, K, V, dtype, *, cu=None, state=False, seed=0):
     import torch
     import torch.nn.functional as F
 
@@ -159,35 +251,32 @@ def _inputs(kind, B, T, H, K, V, dtype, *, cu=None, state=False, seed=0):
     def rn(*s):
         return torch.randn(*s, generator=gen)
 
-    x = {"q": rn(B, T, H, K), "k": rn(B, T, H, K) * K**-0.5, "v": rn(B, T, H, V)}
-    if kind == "gated_delta":
-        x["k"] = F.normalize(x["k"], dim=-1)
+    x = {"q": rn(1, T, H, K), "k": F.normalize(rn(1, T, H, K), dim=-1), "v": rn(1, T, H, V)}
     x = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
     # Gates and beta stay fp32, as the layers pass them (models/layers/linear_attention.py).
     if kind in ("scalar", "gated_delta"):
-        x["g"] = F.logsigmoid(rn(B, T, H) + 2).requires_grad_()
+        x["g"] = F.logsigmoid(rn(1, T, H) + 2).requires_grad_()
     if kind == "gla":
-        x["gk"] = F.logsigmoid(rn(B, T, H, K) + 2).requires_grad_()
+        x["gk"] = F.logsigmoid(rn(1, T, H, K) + 2).requires_grad_()
     if kind in ("delta", "gated_delta"):
-        x["beta"] = torch.rand(B, T, H, generator=gen).requires_grad_()
+        x["beta"] = torch.rand(1, T, H, generator=gen).requires_grad_()
     if kind == "delta":
         x["g"] = None
-    n = B if cu is None else len(cu) - 1
     kw = {}
     if cu is not None:
         kw["cu_seqlens"] = torch.tensor(cu, dtype=torch.long)
     if state:
+        n = 1 if cu is None else len(cu) - 1
         kw["initial_state"] = rn(n, H, K, V).requires_grad_()
         kw["output_final_state"] = True
     return x, kw
 
 
-def _run_op(kind, x, kw):
+def _run_op(kind, x, kw) -> None:
     import models.ops as ops
 
     if kind in ("linear", "scalar"):
-        g = x.get("g")
-        o, ht = ops.chunk_linear_attn(x["q"], x["k"], x["v"], g, backend="triton", **kw)
+        o, ht = ops.chunk_linear_attn(x["q"], x["k"], x["v"], x.get("g"), backend="triton", **kw)
     elif kind == "gla":
         o, ht = ops.chunk_gla(x["q"], x["k"], x["v"], x["gk"], backend="triton", **kw)
     else:
@@ -195,38 +284,9 @@ def _run_op(kind, x, kw):
             x["q"], x["k"], x["v"], x["g"], x["beta"], backend="triton", **kw
         )
     loss = o.float().square().sum()
-    if ht is not None:  # gives the backward a final-state gradient (HAS_DHT / HAS_H0 paths)
+    if ht is not None:  # a final-state gradient too (the HAS_DHT / HAS_H0 paths)
         loss = loss + ht.square().sum()
     loss.backward()
-
-
-# (kind, dtype, K, V, varlen, state, env): the shapes of the production configurations (head
-# sizes 128, 256, and 64 / 192, the last two being what LASP-2's gated delta rule passes with
-# its [v | 0] trick), T = 300 (several chunks of 64 and, with cu_seqlens, several documents).
-_SHAPES = ((128, 128), (256, 256), (64, 192))
-
-
-def cases() -> list[tuple]:
-    out = []
-    for kind in ("linear", "scalar", "gla", "gated_delta"):
-        for K, V in _SHAPES:
-            out.append((kind, "bf16", K, V, False, False, {}))
-        # LASP-2: an initial state, the final state and its gradient.
-        out.append((kind, "bf16", 128, 128, False, True, {}))
-        # packed documents
-        out.append((kind, "bf16", 128, 128, True, False, {}))
-        # fp32 inputs (fewer pipeline stages, 3xTF32 in the delta rule)
-        out.append((kind, "fp32", 128, 128, False, False, {}))
-    out += [
-        ("gated_delta", "bf16", 128, 256, False, True, {}),  # LASP-2 gated delta, K = V = 128
-        ("gated_delta", "bf16", 64, 192, False, True, {}),  # LASP-2 gated delta, K = V = 64
-        ("delta", "bf16", 128, 128, False, False, {}),  # chunk_gated_delta_rule with g=None
-        # the scans' V tile at many sequences x heads (auto picks 32 there, 16 at this size)
-        ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
-        # the older GLA intra-chunk kernels, still selectable
-        ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v1"}),
-    ]
-    return out
 
 
 def _xent(rec: Recorder) -> None:
@@ -234,11 +294,11 @@ def _xent(rec: Recorder) -> None:
 
     from models.loss import chunked_cross_entropy
 
-    os.environ["LINSCALE_CE_BACKEND"] = "triton"
     gen = torch.Generator().manual_seed(0)
-    # V over one 4096-wide block and under it; bf16 (autocast) and fp32 logits.
+    # Vocabularies over one 4096-wide block and a multiple of 16 (like 128256), and under one
+    # block and not a multiple of 16; bf16 (autocast) and fp32 logits.
     for V, dtype in ((4112, torch.bfloat16), (300, torch.bfloat16), (4112, torch.float32)):
-        rec.case = f"xent V={V} {str(dtype)[6:]}"
+        rec.case = f"xent V={V} {str(dtype).removeprefix('torch.')}"
         h = torch.randn(12, 64, generator=gen).to(dtype).requires_grad_()
         w = torch.randn(V, 64, generator=gen).to(dtype).requires_grad_()
         y = torch.randint(0, V, (12,), generator=gen)
@@ -246,7 +306,7 @@ def _xent(rec: Recorder) -> None:
         chunked_cross_entropy(h, w, y, chunk_tokens=8).backward()
 
 
-def record(out_path: str) -> None:
+def record(out_path: str, shard: int = 0, n_shards: int = 1) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("record needs TRITON_INTERPRET=1")
     import torch
@@ -255,21 +315,23 @@ def record(out_path: str) -> None:
     rec = Recorder()
     _install(rec)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    H, T = 2, 320
     base_env = dict(os.environ)
-    for i, (kind, dt, K, V, varlen, state, env) in enumerate(cases()):
+    for i, (kind, dt, K, V, varlen, state, env) in enumerate(CASES):
+        if i % n_shards != shard:
+            continue
         os.environ.clear()
         os.environ.update(base_env, **env)
-        cu = [0, 100, 164, 300] if varlen else None
         rec.case = f"{kind} {dt} K={K} V={V}" + " varlen" * varlen + " state" * state
         rec.case += "".join(f" {k}={v}" for k, v in env.items())
-        tt = 300 if varlen else T  # varlen: a token count that is not a multiple of 16
-        x, kw = _inputs(kind, 1, tt, H, K, V, dtypes[dt], cu=cu, state=state, seed=i)
+        cu = [0, 100, 164, 300] if varlen else None
+        x, kw = _inputs(kind, 300 if varlen else 320, 2, K, V, dtypes[dt], cu=cu, state=state)
         _run_op(kind, x, kw)
     os.environ.clear()
     os.environ.update(base_env)
-    _xent(rec)
-    Path(out_path).write_text(json.dumps(list(rec.launches.values()), indent=1))
+    if shard == n_shards - 1:
+        os.environ["LINSCALE_CE_BACKEND"] = "triton"
+        _xent(rec)
+    Path(out_path).write_text(json.dumps(list(rec.launches.values())))
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,25 +339,34 @@ def record(out_path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cuobjdump() -> str:
-    import triton
+def _ptxas_stats(log: str) -> dict:
+    """Registers and spills from ptxas's ``-v`` log (Triton passes ``-v``; the log is printed
+    with ``TRITON_DUMP_PTXAS_LOG=1``)."""
+    out = {}
+    for key, pat in (
+        ("n_regs", r"Used (\d+) registers"),
+        ("spill_stores", r"(\d+) bytes spill stores"),
+        ("spill_loads", r"(\d+) bytes spill loads"),
+        ("stack", r"(\d+) bytes stack frame"),
+    ):
+        m = re.search(pat, log)
+        out[key] = int(m.group(1)) if m else None
+    return out
 
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
-
-def _resources(cubin: bytes) -> dict:
-    """Registers and local memory of the cubin, as ``cuobjdump --dump-resource-usage`` reports
-    them (Triton's ``n_spills`` is the local memory size in 4-byte words)."""
+def _cuobjdump_stats(cubin: bytes) -> dict:
+    """Fallback when the kernel came from Triton's cache (no ptxas log): registers and stack
+    from ``cuobjdump --dump-resource-usage``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
-    if not m:
-        return {"n_regs": None, "n_spills": None}
-    return {"n_regs": int(m.group(1)), "n_spills": int(m.group(2)) // 4}
+        res = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        )
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout)
+    regs, stack = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    return {"n_regs": regs, "spill_stores": None, "spill_loads": None, "stack": stack}
 
 
 def jit_function(module: str, name: str):
@@ -303,11 +374,11 @@ def jit_function(module: str, name: str):
 
 
 def compile_one(launch: dict) -> dict:
-    """Compile one recorded launch for sm_90; returns its metadata or the compiler's error."""
-    import triton
+    """Compile one recorded launch for sm_90; returns its resources or the compiler's error."""
     from triton.compiler import ASTSource
 
     out = {k: launch[k] for k in ("module", "name", "signature", "constexprs", "options")}
+    out["error"] = None
     try:
         fn = jit_function(launch["module"], launch["name"])
         src = ASTSource(
@@ -316,35 +387,53 @@ def compile_one(launch: dict) -> dict:
             constexprs={tuple(p): v for p, v in launch["constexprs"]},
             attrs={tuple(p): v for p, v in launch["attrs"]},
         )
-        with contextlib.redirect_stdout(io.StringIO()):
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
             ck = triton.compile(src, target=_target(), options=dict(launch["options"]))
-        out.update(_resources(ck.asm["cubin"]), shared=ck.metadata.shared, error=None)
-        if out["shared"] > SM90_MAX_SHARED:
-            msg = f"needs {out['shared']} B of shared memory, the H100 has {SM90_MAX_SHARED}"
-            if launch["stage1_fallback"] and launch["options"].get("num_stages", 3) > 1:
-                # the launcher retries this one with num_stages=1: that one has to fit
-                retry = dict(launch, options=dict(launch["options"], num_stages=1))
-                retry["stage1_fallback"] = False
-                r = compile_one(retry)
-                out["fallback"] = r
-                if r["error"] is not None:
-                    out["error"] = f"{msg}; num_stages=1 fallback: {r['error']}"
-            else:
-                out["error"] = f"OutOfResources: {msg}"
-    except Exception as exc:  # noqa: BLE001 - every failure is reported to the test
-        lines = traceback.format_exception_only(type(exc), exc)
-        out["error"] = "".join(lines).strip()[-4000:]
+        stats = _ptxas_stats(log.getvalue())
+        if stats["n_regs"] is None:
+            stats = _cuobjdump_stats(ck.asm["cubin"])
+        out.update(stats, shared=ck.metadata.shared)
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the test
+        msg = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        out["error"] = msg if len(msg) < 6000 else msg[:3000] + "\n...\n" + msg[-3000:]
+        return out
+    if out["shared"] > SM90_MAX_SHARED:
+        msg = f"OutOfResources: needs {out['shared']} B of shared memory, sm_90 has at most"
+        msg += f" {SM90_MAX_SHARED}"
+        if launch["stage1_fallback"] and launch["options"].get("num_stages", 3) > 1:
+            # the launcher catches this and relaunches with num_stages=1: that one has to fit
+            retry = dict(launch, options=dict(launch["options"], num_stages=1))
+            retry["stage1_fallback"] = False
+            out["fallback"] = compile_one(retry)
+            if out["fallback"]["error"] is not None:
+                out["error"] = f"{msg}; its num_stages=1 fallback: {out['fallback']['error']}"
+        else:
+            out["error"] = msg
     return out
 
 
-def compile_all(in_path: str, out_path: str) -> None:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("compile must run without TRITON_INTERPRET")
-    launches = json.loads(Path(in_path).read_text())
-    jobs = int(os.environ.get("SM90_COMPILE_JOBS", "0")) or os.cpu_count() or 1
-    # the biggest kernels first, so that the pool does not wait on one at the end
+def _compile_many(launches: list[dict]) -> list[dict]:
+    # one process per core (each holds torch and triton, a few hundred MB), at most 8
+    jobs = int(os.environ.get("SM90_COMPILE_JOBS", "0")) or min(os.cpu_count() or 1, 8)
+    if jobs == 1 or len(launches) == 1:
+        return [compile_one(x) for x in launches]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(compile_one, launches))
+        return list(pool.map(compile_one, launches))
+
+
+def _check_env() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("compiling needs TRITON_INTERPRET unset")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    # the escape hatch would let exactly the bug class this guards against compile
+    os.environ.pop("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", None)
+
+
+def compile_all(in_path: str, out_path: str) -> None:
+    _check_env()
+    launches = json.loads(Path(in_path).read_text())
+    results = _compile_many(launches)
     for launch, r in zip(launches, results):
         r["cases"] = launch["cases"]
     Path(out_path).write_text(json.dumps({"results": results, "kernels": _all_kernels()}))
@@ -352,25 +441,47 @@ def compile_all(in_path: str, out_path: str) -> None:
 
 def _all_kernels() -> list[str]:
     """``module:name`` of every ``@triton.jit`` function named ``*_kernel`` in the package (the
-    launched ones; helpers have other names), so the test can check that each was recorded."""
+    launched ones: the helpers have other names), to check that each was recorded."""
     import pkgutil
 
     from triton.runtime.jit import JITFunction
 
     pkg = importlib.import_module(PACKAGE)
-    names = []
+    names = set()
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{PACKAGE}.{info.name}")
         for attr, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and attr.endswith("_kernel"):
-                names.append(f"{obj.fn.__module__}:{obj.fn.__qualname__}")
-    return sorted(set(names))
+                names.add(f"{obj.fn.__module__}:{obj.fn.__qualname__}")
+    return sorted(names)
+
+
+def selfcheck(out_path: str) -> None:
+    _check_env()
+    names = ("selfcheck_plain_global_kernel", "selfcheck_constexpr_global_kernel")
+    results = _compile_many([selfcheck_launch(n) for n in names])
+    Path(out_path).write_text(json.dumps(dict(zip(names, results))))
+
+
+def interpret_selfcheck() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("interpret-selfcheck needs TRITON_INTERPRET=1")
+    import torch
+
+    x = torch.zeros(100)
+    selfcheck_plain_global_kernel[(1,)](x, 100, BLOCK=128)
+    print("INTERPRETED", float(x[0]))
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "record":
-        record(sys.argv[2])
-    elif sys.argv[1] == "compile":
-        compile_all(sys.argv[2], sys.argv[3])
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "record":
+        record(rest[0], *map(int, rest[1:]))
+    elif mode == "compile":
+        compile_all(rest[0], rest[1])
+    elif mode == "selfcheck":
+        selfcheck(rest[0])
+    elif mode == "interpret-selfcheck":
+        interpret_selfcheck()
     else:
-        raise SystemExit(f"unknown mode {sys.argv[1]!r}")
+        raise SystemExit(f"unknown mode {mode!r}")
