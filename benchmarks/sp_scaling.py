@@ -67,7 +67,12 @@ from parallel.sequence_shard import shard_position_ids, shard_sequence  # noqa: 
 K = 1024
 
 
-def configs(world: int, per_gpu: int, only: set[str] | None) -> list[dict]:
+def configs(
+    world: int,
+    per_gpu: int,
+    only: set[str] | None,
+    hybrid_layouts: tuple[str, ...] = ("contiguous", "zigzag"),
+) -> list[dict]:
     """Every configuration to run, in order (weak, then strong; linear, then hybrid)."""
     total = 4 * per_gpu
     sps = [s for s in (1, 2, 4) if s <= world]
@@ -76,7 +81,7 @@ def configs(world: int, per_gpu: int, only: set[str] | None) -> list[dict]:
         impls = (
             [("lasp2", "contiguous"), ("lasp1", "contiguous")]
             if model == "linear"
-            else [("lasp2", "contiguous"), ("lasp2", "zigzag")]
+            else [("lasp2", layout) for layout in hybrid_layouts]
         )
         for group, tokens in (("weak", lambda s: per_gpu * s), ("strong", lambda s: total)):
             name = f"{group}-{model}"
@@ -338,6 +343,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model and 4K tokens per GPU")
     p.add_argument("--only", default="", help="comma list of groups, e.g. weak-linear")
+    p.add_argument(
+        "--hybrid-layouts",
+        default="contiguous,zigzag",
+        help="layouts of the hybrid groups' SP rows, e.g. zigzag",
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=729.0)
@@ -351,9 +361,10 @@ def main() -> None:
     p.add_argument(
         "--lasp2-schedule",
         choices=("overlap", "serial"),
-        default="overlap",
-        help="LASP-2 for linear/scalar/GLA: overlap the intra op with the AllGather and add the "
-        "cross term, or AllGather first and run the op once from the incoming state",
+        default="serial",
+        help="LASP-2 for linear/scalar/GLA (default serial, as the trainer): overlap the intra "
+        "op with the AllGather and add the cross term, or AllGather first and run the op once "
+        "from the incoming state",
     )
     p.add_argument("--out", default=None, help="JSON file (rank 0 writes it after each row)")
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo)")
@@ -386,7 +397,13 @@ def main() -> None:
     built: tuple | None = None
     size = "cpu" if args.cpu else ("quick" if args.quick else "full")
     per_gpu = {"cpu": 64, "quick": 4 * K, "full": 32 * K}[size]
-    for cfg in configs(world, per_gpu, only):
+    layouts = tuple(x for x in args.hybrid_layouts.split(",") if x)
+    bad = [x for x in layouts if x not in ("contiguous", "zigzag")]
+    if bad or not layouts:
+        raise SystemExit(
+            f"--hybrid-layouts takes contiguous and/or zigzag, got {args.hybrid_layouts!r}"
+        )
+    for cfg in configs(world, per_gpu, only, layouts):
         if built is None or built[0] != cfg["model"]:
             built = None
             gc.collect()
