@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -52,10 +53,19 @@ def _entry(rank, world, port, fn, args, out_dir, env):
         torch.save({"ok": True, "result": result}, path)
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
-        raise
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    # Every rank's collectives are done once all pass the barrier. Then leave without the
+    # interpreter's finalisation, where gloo worker threads still holding work objects can
+    # abort a process (SIGABRT, "terminate called without an active exception"). A rank of a
+    # two-process trainer test died that way twice in CI-like runs, at an unknown point; the
+    # failure report below now says which ranks left a result.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world: int, *args, env: dict | None = None) -> list:
@@ -76,11 +86,15 @@ def run_ranks(fn, world: int, *args, env: dict | None = None) -> list:
             msgs = []
             for r in range(world):
                 p = os.path.join(out_dir, f"rank{r}.pt")
-                if os.path.exists(p):
-                    res = torch.load(p, weights_only=False)
-                    if not res["ok"]:
-                        msgs.append(f"--- rank {r}:\n{res['error']}")
-            raise RuntimeError("a rank failed:\n" + "\n".join(msgs or [str(e)])) from None
+                if not os.path.exists(p):
+                    msgs.append(f"--- rank {r}: no result (the process died inside fn)")
+                    continue
+                res = torch.load(p, weights_only=False)
+                if not res["ok"]:
+                    msgs.append(f"--- rank {r}:\n{res['error']}")
+            if not msgs:
+                msgs.append("every rank saved a result: the failure came after fn returned")
+            raise RuntimeError(f"a rank failed ({e}):\n" + "\n".join(msgs)) from None
         return [
             torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)["result"]
             for r in range(world)
