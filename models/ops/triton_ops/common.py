@@ -8,14 +8,31 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["Groups", "make_groups", "check_inputs", "num_sms"]
+__all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_int"]
+
+
+def env_int(name: str, default: int, *, allowed: tuple[int, ...] = (), minimum: int = 1) -> int:
+    """Integer setting from environment variable ``name`` (``default`` when unset or empty);
+    ValueError naming the variable when it is not an integer, below ``minimum`` or, when
+    ``allowed`` is given, not one of those values."""
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        val = int(raw)
+    except ValueError:
+        val = None
+    if val is None or val < minimum or (allowed and val not in allowed):
+        want = f"one of {', '.join(map(str, allowed))}" if allowed else f"an integer >= {minimum}"
+        raise ValueError(f"{name}={raw!r}: expected {want}")
+    return val
 
 
 def _target_programs() -> int:
     """How many programs the per-group kernels aim for, so that one long sequence fills the GPU
     (env ``LINSCALE_KERNEL_TARGET_PROGRAMS``; ``LINSCALE_KERNEL_GROUP_TOKENS`` fixes the group
     size instead)."""
-    return int(os.environ.get("LINSCALE_KERNEL_TARGET_PROGRAMS", "1024"))
+    return env_int("LINSCALE_KERNEL_TARGET_PROGRAMS", 1024)
 
 
 def num_sms(device: torch.device) -> int:
@@ -67,9 +84,9 @@ def make_groups(
         n_seq, total = cu_seqlens.numel() - 1, B * T
         avg = max(1, total // max(n_seq, 1))
     if group_tokens is None:
-        env = os.environ.get("LINSCALE_KERNEL_GROUP_TOKENS")
+        env = env_int("LINSCALE_KERNEL_GROUP_TOKENS", 0, minimum=1)
         if env:
-            group_tokens = int(env)
+            group_tokens = env
         else:
             want = max(1, -(-_target_programs() // max(1, n_seq * programs_per_group)))
             group_tokens = max(4 * chunk, -(-avg // want))

@@ -17,7 +17,7 @@ import triton
 
 from models.ops.triton_ops import gla_kernels as gla
 from models.ops.triton_ops import nondelta_kernels as kern
-from models.ops.triton_ops.common import check_inputs, make_groups
+from models.ops.triton_ops.common import check_inputs, env_int, make_groups
 
 __all__ = ["nondelta_attn"]
 
@@ -305,7 +305,7 @@ class _NonDelta(torch.autograd.Function):
             sq = torch.empty(nk, H, TT, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
-            opts["num_warps"] = int(os.environ.get("LINSCALE_KERNEL_GATED_BWD_WARPS", "4"))
+            opts["num_warps"] = env_int("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, allowed=(4, 8))
         kern.bwd_dq_kernel[(nk, G, H)](
             q,
             k,
