@@ -66,13 +66,13 @@ def test_dispatcher_picks_reference_on_cpu(monkeypatch):
 def test_kernel_environment_settings_are_checked(monkeypatch):
     """A malformed kernel setting is an error naming the variable, not a silent default."""
     pytest.importorskip("triton")
-    from models.ops.triton_ops.common import env_int, make_groups
+    from models.ops.triton_ops.common import env_setting, make_groups
 
     monkeypatch.setenv("LINSCALE_KERNEL_GROUP_TOKENS", "many")
     with pytest.raises(ValueError, match="LINSCALE_KERNEL_GROUP_TOKENS='many'"):
         make_groups(1, 256, None, chunk=64, programs_per_group=1, device=torch.device("cpu"))
     monkeypatch.setenv("LINSCALE_KERNEL_GATED_BWD_WARPS", "3")
     with pytest.raises(ValueError, match="expected one of 4, 8"):
-        env_int("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, allowed=(4, 8))
+        env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8))
     monkeypatch.setenv("LINSCALE_KERNEL_GATED_BWD_WARPS", "8")
-    assert env_int("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, allowed=(4, 8)) == 8
+    assert env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8)) == 8

@@ -8,21 +8,25 @@ from dataclasses import dataclass
 import torch
 import triton
 
-__all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_int"]
+__all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_setting"]
 
 
-def env_int(name: str, default: int, *, allowed: tuple[int, ...] = (), minimum: int = 1) -> int:
-    """Integer setting from environment variable ``name`` (``default`` when unset or empty);
-    ValueError naming the variable when it is not an integer, below ``minimum`` or, when
-    ``allowed`` is given, not one of those values."""
+def env_setting(name: str, default, allowed: tuple = (), *, minimum: int | None = None):
+    """A kernel setting from environment variable ``name``, of ``default``'s type (int or str):
+    ``default`` when unset or empty. Read at every call, so it can change between calls (each
+    setting feeds a launch parameter or constexpr, part of Triton's cache key). Raises
+    ValueError naming the variable when the value does not convert, is not one of ``allowed``
+    (when given) or is below ``minimum`` (when given)."""
     raw = os.environ.get(name, "")
     if raw == "":
         return default
     try:
-        val = int(raw)
+        val = type(default)(raw)
     except ValueError:
         val = None
-    if val is None or val < minimum or (allowed and val not in allowed):
+    ok = val is not None and (not allowed or val in allowed)
+    ok = ok and (minimum is None or val >= minimum)
+    if not ok:
         want = f"one of {', '.join(map(str, allowed))}" if allowed else f"an integer >= {minimum}"
         raise ValueError(f"{name}={raw!r}: expected {want}")
     return val
@@ -32,7 +36,7 @@ def _target_programs() -> int:
     """How many programs the per-group kernels aim for, so that one long sequence fills the GPU
     (env ``LINSCALE_KERNEL_TARGET_PROGRAMS``; ``LINSCALE_KERNEL_GROUP_TOKENS`` fixes the group
     size instead)."""
-    return env_int("LINSCALE_KERNEL_TARGET_PROGRAMS", 1024)
+    return env_setting("LINSCALE_KERNEL_TARGET_PROGRAMS", 1024, minimum=1)
 
 
 def num_sms(device: torch.device) -> int:
@@ -84,7 +88,7 @@ def make_groups(
         n_seq, total = cu_seqlens.numel() - 1, B * T
         avg = max(1, total // max(n_seq, 1))
     if group_tokens is None:
-        env = env_int("LINSCALE_KERNEL_GROUP_TOKENS", 0, minimum=1)
+        env = env_setting("LINSCALE_KERNEL_GROUP_TOKENS", 0, minimum=1)
         if env:
             group_tokens = env
         else:

@@ -36,8 +36,6 @@ default 64; DQKW_STAGES defaults to 2: both measured fastest on the H100).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
@@ -45,7 +43,7 @@ from triton.runtime.errors import OutOfResources
 from models.ops.triton_ops import delta_chunk_kernels as ck
 from models.ops.triton_ops import delta_kernels as sk
 from models.ops.triton_ops import delta_wy_kernels as wk
-from models.ops.triton_ops.common import check_inputs, make_groups, num_sms
+from models.ops.triton_ops.common import check_inputs, env_setting, make_groups, num_sms
 
 __all__ = ["chunk_gated_delta_rule"]
 
@@ -59,28 +57,11 @@ def _p2(x: int) -> int:
 _PRECS = ("tf32x3", "tf32", "ieee")
 
 
-def _knob(name: str, default, allowed: tuple):
-    """Launch setting from environment variable ``name`` (read at every call, so that it can be
-    changed between calls: every setting is a launch parameter or constexpr, hence part of
-    Triton's kernel cache key). Raises ValueError on a value outside ``allowed``."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    kind = type(allowed[0])
-    try:
-        val = kind(raw)
-    except ValueError:
-        val = None
-    if val not in allowed:
-        raise ValueError(f"{name}={raw!r}: expected one of {', '.join(map(str, allowed))}")
-    return val
-
-
 def _scan_bv(n_seq: int, H: int, V: int, device: torch.device) -> int:
     """V tile of the sequential scans (``LINSCALE_DELTA_SCAN_BV`` 16/32/64 overrides): narrower
     tiles give more programs with few sequences."""
     auto = 32 if n_seq * H * triton.cdiv(V, 32) >= 2 * num_sms(device) else 16
-    return _knob("LINSCALE_DELTA_SCAN_BV", auto, (16, 32, 64))
+    return env_setting("LINSCALE_DELTA_SCAN_BV", auto, (16, 32, 64))
 
 
 def _prec(x: torch.Tensor) -> dict:
@@ -93,14 +74,14 @@ def _prec(x: torch.Tensor) -> dict:
     if x.device.type != "cuda":
         return dict(PREC="ieee", UW_PREC="ieee")
     lowp = x.dtype != torch.float32
-    solve = _knob("LINSCALE_DELTA_SOLVE_PREC", "tf32" if lowp else "tf32x3", _PRECS)
-    uw = _knob("LINSCALE_DELTA_UW_PREC", "tf32" if lowp else "tf32x3", _PRECS)
+    solve = env_setting("LINSCALE_DELTA_SOLVE_PREC", "tf32" if lowp else "tf32x3", _PRECS)
+    uw = env_setting("LINSCALE_DELTA_UW_PREC", "tf32" if lowp else "tf32x3", _PRECS)
     return dict(PREC=solve, UW_PREC=uw)
 
 
 def _warps(name: str, default: int) -> int:
     """``num_warps`` of one kernel from ``LINSCALE_DELTA_<name>_WARPS`` (4 or 8)."""
-    return _knob(f"LINSCALE_DELTA_{name}_WARPS", default, (4, 8))
+    return env_setting(f"LINSCALE_DELTA_{name}_WARPS", default, (4, 8))
 
 
 def _launch_scan(kernel, grid, *args, K: int, **kw):
@@ -108,7 +89,7 @@ def _launch_scan(kernel, grid, *args, K: int, **kw):
     ``LINSCALE_DELTA_SCAN_STAGES``, 1 to 3, default 2), falling back to one stage if the tiles
     do not fit in shared memory. Always 4 warps: 8 warps with 16-wide V tiles gave wrong
     results on the H100 (relative error 0.19 at 128K x 1, Triton 3.6), so it is not offered."""
-    stages = _knob("LINSCALE_DELTA_SCAN_STAGES", 2, (1, 2, 3))
+    stages = env_setting("LINSCALE_DELTA_SCAN_STAGES", 2, (1, 2, 3))
     nw = 4
     try:
         kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=stages)
@@ -197,11 +178,11 @@ class _GatedDelta(torch.autograd.Function):
         dqp = torch.empty(TT, H, K, **f32)
         dkp = torch.empty(TT, H, K, **f32)
         dbp = torch.empty(TT, H, nkp, **f32)
-        bvd = _knob("LINSCALE_DELTA_DQKW_BV", 32, (16, 32, 64))  # V tile of the dqkw kernel
+        bvd = env_setting("LINSCALE_DELTA_DQKW_BV", 32, (16, 32, 64))  # V tile of the dqkw kernel
         ck.delta_dqkw_kernel[(nkp, nch, H)](
             q, k, b, hc, dhc, do, dlt, dd, dqp, dkp, w, dbp, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=min(bvd, bv), NKP=nkp, num_warps=_warps("DQKW", 8),
-            num_stages=_knob("LINSCALE_DELTA_DQKW_STAGES", 2, (1, 2, 3)),
+            num_stages=env_setting("LINSCALE_DELTA_DQKW_STAGES", 2, (1, 2, 3)),
         )  # fmt: skip
         del dhc
         dw = w  # the dqkw kernel overwrote w with its adjoint
@@ -210,7 +191,7 @@ class _GatedDelta(torch.autograd.Function):
         dv = torch.empty_like(v)
         dbeta = torch.empty_like(beta)
         dg = torch.empty(TT, H, device=dev, dtype=g.dtype) if g is not None else dbeta
-        bkb = _knob("LINSCALE_DELTA_WYBWD_BLOCK", 64, (16, 32, 64))  # its K and V tile widths
+        bkb = env_setting("LINSCALE_DELTA_WYBWD_BLOCK", 64, (16, 32, 64))  # its K and V tile widths
         wk.delta_wy_bwd_kernel[(nch, H)](
             q, k, v, gf, beta, a, do, dlt, dd, dw, dqp, dkp, dbp, dq, dk, dv, dbeta, dg,
             grp.bos, grp.eos, scale,

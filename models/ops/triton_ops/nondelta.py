@@ -10,14 +10,12 @@ adjoint): a whole-sequence reverse sum would let rounding grow with T.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from models.ops.triton_ops import gla_kernels as gla
 from models.ops.triton_ops import nondelta_kernels as kern
-from models.ops.triton_ops.common import check_inputs, env_int, make_groups
+from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
 
 __all__ = ["nondelta_attn"]
 
@@ -46,10 +44,7 @@ def _launch_opts(dtype, *tiles: int) -> dict:
 def _gla_intra_v2() -> bool:
     """The row-block intra-chunk kernels (v2, the default: 18.4 ms against 31.2 ms fwd+bwd for
     v1 at 8K x 8 on an H100); ``LINSCALE_GLA_INTRA=v1`` picks the older per-chunk kernels."""
-    choice = os.environ.get("LINSCALE_GLA_INTRA", "v2")
-    if choice not in ("v1", "v2"):
-        raise ValueError(f"LINSCALE_GLA_INTRA must be 'v1' or 'v2', got {choice!r}")
-    return choice == "v2"
+    return env_setting("LINSCALE_GLA_INTRA", "v2", ("v1", "v2")) == "v2"
 
 
 class _NonDelta(torch.autograd.Function):
@@ -305,7 +300,7 @@ class _NonDelta(torch.autograd.Function):
             sq = torch.empty(nk, H, TT, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
-            opts["num_warps"] = env_int("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, allowed=(4, 8))
+            opts["num_warps"] = env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8))
         kern.bwd_dq_kernel[(nk, G, H)](
             q,
             k,
