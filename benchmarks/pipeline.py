@@ -354,12 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
         return
     if not args.cpu:
-        for k, v in (
-            ("NCCL_NVLS_ENABLE", "0"),
-            ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-            ("NVSHMEM_DISABLE_NVLS", "1"),
-        ):
-            os.environ.setdefault(k, v)
+        from _device_env import disable_nvlink_multicast  # benchmarks/ is sys.path[0]
+
+        disable_nvlink_multicast()
     from launch.trainer import Trainer  # noqa: F401  (import errors before any work)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

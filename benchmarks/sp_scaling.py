@@ -40,12 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-for _k, _v in (
-    ("NCCL_NVLS_ENABLE", "0"),
-    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-    ("NVSHMEM_DISABLE_NVLS", "1"),
-):
-    os.environ.setdefault(_k, _v)
+from _device_env import disable_nvlink_multicast  # benchmarks/ is sys.path[0]
+
+disable_nvlink_multicast()  # before torch is imported
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
