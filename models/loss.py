@@ -19,16 +19,17 @@ __all__ = ["chunked_cross_entropy"]
 _CE_BACKENDS = ("auto", "triton", "torch")
 
 
-def _fused_xent(logits: torch.Tensor):
-    """The fused Triton loss-and-gradient kernel for these logits, or None for the torch path.
+def _fused_xent(hidden: torch.Tensor):
+    """The fused Triton loss-and-gradient kernel for logits computed from ``hidden``, or None
+    for the torch path (decided once per call, not per chunk).
 
     ``LINSCALE_CE_BACKEND``: ``auto`` (Triton for CUDA fp16/bf16/fp32 logits), ``triton`` (also
     on CPU under ``TRITON_INTERPRET=1``, tests) or ``torch``."""
     choice = os.environ.get("LINSCALE_CE_BACKEND", "auto")
     if choice not in _CE_BACKENDS:
         raise ValueError(f"LINSCALE_CE_BACKEND must be one of {_CE_BACKENDS}, got {choice!r}")
-    ok_dtype = logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    if choice == "torch" or not ok_dtype or (choice == "auto" and not logits.is_cuda):
+    ok_dtype = hidden.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if choice == "torch" or not ok_dtype or (choice == "auto" and not hidden.is_cuda):
         return None
     try:
         from models.ops.triton_ops.softmax_xent import xent_loss_and_grad_
@@ -57,11 +58,11 @@ class _ChunkedCE(torch.autograd.Function):
         )
         cd = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
         total = torch.zeros((), dtype=cd, device=hidden.device)
+        fused = _fused_xent(hidden)
         for s in range(0, N, chunk_tokens):
             h = hidden[s : s + chunk_tokens]
             y = labels[s : s + chunk_tokens]
-            logits = h @ weight.t()  # [n, V], hidden's dtype
-            fused = _fused_xent(logits)
+            logits = h @ weight.t()  # [n, V], hidden's dtype (or autocast's)
             if fused is not None:
                 # loss rows in fp32; logits overwritten by d(sum CE)/dlogits in their dtype
                 total += fused(logits, y, ignore_index).sum().to(cd)
