@@ -35,6 +35,10 @@ CASES = {
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
         ("gla_no_state", "gla", 1, 80, 1, 16, 16, None, None, False),
         ("gla_empty_doc", "gla", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
+        # several chunks in each of several groups (ragged last chunk and group): states pass
+        # between chunks inside a group and between groups
+        ("scalar_multichunk_groups", "scalar", 1, 300, 1, 16, 16, None, 128, True),
+        ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v1" run the older per-chunk GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v1)
         ("gla_v1", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_v1_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
