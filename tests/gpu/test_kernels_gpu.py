@@ -24,7 +24,7 @@ D = 128
 SHAPES = [(2, 8192, 4, None), (1, 131072, 2, None), (1, 32768, 4, 5)]
 
 
-def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D):
+def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D, gate_mult=1.0 / 16):
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def rn(*s):
@@ -34,7 +34,7 @@ def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D):
     if variant in ("scalar", "gated_delta"):
         x["g"] = F.logsigmoid(rn(B, T, H) + 1)
     if variant == "gla":
-        x["gk"] = F.logsigmoid(rn(B, T, H, K)) / 16
+        x["gk"] = F.logsigmoid(rn(B, T, H, K)) * gate_mult
     if variant == "gated_delta":
         x["k"] = F.normalize(x["k"], dim=-1)
         x["beta"] = torch.rand(B, T, H, device="cuda", generator=gen)
@@ -79,9 +79,9 @@ def _run(backend, variant, x, cu, wo, wh):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
 @pytest.mark.parametrize("variant", ["linear", "scalar", "gla", "gated_delta"])
-def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D):
+def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0 / 16):
     B, T, H, n_docs = shape
-    x, cu = _inputs(variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V)
+    x, cu = _inputs(variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V, gate_mult=gate_mult)
     gen = torch.Generator(device="cuda").manual_seed(1)
     wo = torch.randn(B, T, H, V, device="cuda", generator=gen)
     wh = torch.randn(x["initial_state"].shape, device="cuda", generator=gen)
@@ -103,6 +103,17 @@ def test_gla_intra_v1_vs_fp32_reference(dtype, monkeypatch):
     """The older per-chunk GLA intra-chunk kernels (opt-in, LINSCALE_GLA_INTRA=v1), 8K x 2."""
     monkeypatch.setenv("LINSCALE_GLA_INTRA", "v1")
     test_kernel_vs_fp32_reference("gla", (2, 8192, 4, None), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("diag_range", ["40", "0"], ids=["factored", "loop"])
+def test_gla_strong_gates(dtype, diag_range, monkeypatch):
+    """GLA gates 64x the default (``4 logsigmoid(x)``, about -3 per token and channel): many
+    16-row diagonal blocks span more than exp(-40) and loop over their rows, the others factor
+    through their first row; with ``LINSCALE_GLA_DIAG_RANGE=0`` every block loops. 8K x 2,
+    three documents."""
+    monkeypatch.setenv("LINSCALE_GLA_DIAG_RANGE", diag_range)
+    test_kernel_vs_fp32_reference("gla", (1, 8192, 2, 3), dtype, gate_mult=4.0)
 
 
 @pytest.mark.parametrize("kv", [(256, 256), (64, 192)], ids=["K256V256", "K64V192"])

@@ -227,8 +227,13 @@ def gla_intra_bwd_kernel(
 
 # --- v2 (the default; LINSCALE_GLA_INTRA=v1 picks the kernels above) ---------------------------
 # One program per (16-row block, chunk, head); off-diagonal blocks as tensor-core products in
-# the input dtype; diagonal blocks as a 16-step loop over single rows instead of [16, 16, K]
-# register tensors.
+# the input dtype. A diagonal block factors through the gate of its own first row r0:
+# ``exp(b_i - b_j) = exp(b_i - r0) exp(r0 - b_j)``, the first factor <= 1, the second >= 1 and
+# at most ``exp(DIAG_RANGE)`` when the block's gate range ``max(r0 - b_j)`` is within DIAG_RANGE
+# (checked per program), so an fp32 product of two [16, K] tiles gives the block without
+# overflow or underflow. A block whose gates fall further than that (a decay below
+# exp(-DIAG_RANGE) within 16 tokens) takes a 16-step loop over single rows with one exponent
+# per (i, j, k) instead.
 
 
 @triton.jit
@@ -265,6 +270,7 @@ def gla_intra_fwd_v2_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
 ):
     """Row block ``I`` of the unscaled scores A (see :func:`gla_intra_fwd_kernel`)."""
     I, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -292,13 +298,23 @@ def gla_intra_fwd_v2_kernel(
         tl.store(
             a_ptr + (ti64[:, None] * H + pid_h) * BT + J * BC + offs_c[None, :], a, mask=mi[:, None]
         )
-    a = tl.zeros([BC, BC], tl.float32)
     qf = qi.to(tl.float32)
-    for j in range(BC):
-        kr = _row(k_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
-        br = _row(b_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
-        col = tl.sum(qf * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bi - br[None, :], 0.0)), 1)
-        a = tl.where((offs_c[None, :] == j) & (offs_c[:, None] >= j), col[:, None], a)
+    r0 = _row(b_ptr, bos, eos, 0, 0, I * BC, pid_h, H, K, offs_k, mk, BT, BC)
+    mik = mi[:, None] & mk[None, :]
+    if tl.max(tl.where(mik, r0[None, :] - bi, 0.0)) <= DIAG_RANGE:
+        ki = tl.load(k_ptr + ptr_i, mask=mik, other=0.0).to(tl.float32)
+        qg = qf * tl.exp(tl.minimum(bi - r0[None, :], 0.0))
+        kg = ki * tl.exp(tl.minimum(r0[None, :] - bi, DIAG_RANGE))
+        causal = offs_c[:, None] >= offs_c[None, :]
+        a = tl.where(causal, tl.dot(qg, tl.trans(kg), input_precision="ieee"), 0.0)
+    else:
+        a = tl.zeros([BC, BC], tl.float32)
+        for j in range(BC):
+            kr = _row(k_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+            br = _row(b_ptr, bos, eos, 0, 0, I * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+            e = tl.exp(tl.minimum(bi - br[None, :], 0.0))
+            col = tl.sum(qf * kr.to(tl.float32)[None, :] * e, 1)
+            a = tl.where((offs_c[None, :] == j) & (offs_c[:, None] >= j), col[:, None], a)
     tl.store(
         a_ptr + (ti64[:, None] * H + pid_h) * BT + I * BC + offs_c[None, :], a, mask=mi[:, None]
     )
@@ -323,6 +339,7 @@ def gla_intra_bwd_v2_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
 ):
     """Block X of the intra-chunk dq (rows X) and dk (rows X), fp32 ``[TT, H, K]``."""
     X, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -368,13 +385,36 @@ def gla_intra_bwd_v2_kernel(
         da = tl.dot(dox, tl.trans(vj)) * scale
         kg = (kj.to(tl.float32) * tl.exp(tl.minimum(r[None, :] - bj, 0.0))).to(dt)
         dq += tl.exp(tl.minimum(bx - r[None, :], 0.0)) * tl.dot(da.to(dt), kg)
+    # The diagonal block X, for dq and dk at once (see the note above the v2 kernels).
     da = tl.where(causal, tl.dot(dox, tl.trans(vx)), 0.0) * scale  # [i, j] within block X
-    for j in range(BC):
-        kr = _row(k_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
-        br = _row(b_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
-        dcol = tl.sum(tl.where(offs_c[None, :] == j, da, 0.0), 1)  # dA[:, j]
-        dq += dcol[:, None] * kr.to(tl.float32)[None, :] * tl.exp(tl.minimum(bx - br[None, :], 0.0))
-    tl.store(dq_ptr + kx_ptr, dq, mask=mxk)
+    r0 = _row(b_ptr, bos, eos, 0, 0, X * BC, pid_h, H, K, offs_k, mk, BT, BC)
+    if tl.max(tl.where(mxk, r0[None, :] - bx, 0.0)) <= DIAG_RANGE:
+        eq = tl.exp(tl.minimum(bx - r0[None, :], 0.0))
+        ek = tl.exp(tl.minimum(r0[None, :] - bx, DIAG_RANGE))
+        kx = tl.load(k_ptr + kx_ptr, mask=mxk, other=0.0).to(tl.float32)
+        qx = tl.load(q_ptr + kx_ptr, mask=mxk, other=0.0).to(tl.float32)
+        dq_d = eq * tl.dot(da, kx * ek, input_precision="ieee")
+        dk_d = ek * tl.dot(tl.trans(da), qx * eq, input_precision="ieee")
+    else:
+        dq_d = tl.zeros([BC, BK], tl.float32)
+        dk_d = tl.zeros([BC, BK], tl.float32)
+        for j in range(BC):
+            kr = _row(k_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+            qr = _row(q_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+            br = _row(b_ptr, bos, eos, 0, 0, X * BC + j, pid_h, H, K, offs_k, mk, BT, BC)
+            dcol = tl.sum(tl.where(offs_c[None, :] == j, da, 0.0), 1)  # dA[:, j]
+            drow = tl.sum(tl.where(offs_c[:, None] == j, da, 0.0), 0)  # dA[j, :]
+            dq_d += (
+                dcol[:, None]
+                * kr.to(tl.float32)[None, :]
+                * tl.exp(tl.minimum(bx - br[None, :], 0.0))
+            )
+            dk_d += (
+                drow[:, None]
+                * qr.to(tl.float32)[None, :]
+                * tl.exp(tl.minimum(br[None, :] - bx, 0.0))
+            )
+    tl.store(dq_ptr + kx_ptr, dq + dq_d, mask=mxk)
     # dk of rows X: blocks I > X through r_X, then the diagonal block.
     r = _row(b_ptr, bos, eos, 0, 0, X * BC + BC - 1, pid_h, H, K, offs_k, mk, BT, BC)
     dk = tl.zeros([BC, BK], tl.float32)
@@ -400,10 +440,5 @@ def gla_intra_bwd_v2_kernel(
         dat = tl.dot(vx, tl.trans(doi)) * scale  # [j in X, i in I]
         qg = (qi.to(tl.float32) * tl.exp(tl.minimum(bi - r[None, :], 0.0))).to(dt)
         dk += tl.dot(dat.to(dt), qg)
-    dk = dk * tl.exp(tl.minimum(r[None, :] - bx, 0.0))
-    for i in range(BC):
-        qr = _row(q_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
-        br = _row(b_ptr, bos, eos, 0, 0, X * BC + i, pid_h, H, K, offs_k, mk, BT, BC)
-        drow = tl.sum(tl.where(offs_c[:, None] == i, da, 0.0), 0)  # dA[i, :] over j
-        dk += drow[:, None] * qr.to(tl.float32)[None, :] * tl.exp(tl.minimum(br[None, :] - bx, 0.0))
+    dk = dk * tl.exp(tl.minimum(r[None, :] - bx, 0.0)) + dk_d
     tl.store(dk_ptr + kx_ptr, dk, mask=mxk)

@@ -41,6 +41,14 @@ def _launch_opts(dtype, *tiles: int) -> dict:
     )
 
 
+def _gla_diag_range() -> int:
+    """The largest in-block gate range (``max(r0 - b_j)`` over a 16-row block, in nats) for
+    which the v2 intra-chunk kernels factor a diagonal block through its first row; beyond it
+    (and everywhere with ``LINSCALE_GLA_DIAG_RANGE=0`` unless all gates are 0) they loop over
+    the rows. 40 keeps ``exp(40)`` factors and their products far inside fp32."""
+    return env_setting("LINSCALE_GLA_DIAG_RANGE", 40, tuple(range(0, 61)))
+
+
 def _gla_intra_v2() -> bool:
     """The row-block intra-chunk kernels (v2, the default: 18.4 ms against 31.2 ms fwd+bwd for
     v1 at 8K x 8 on an H100); ``LINSCALE_GLA_INTRA=v1`` picks the older per-chunk kernels."""
@@ -87,6 +95,7 @@ class _NonDelta(torch.autograd.Function):
                     BT=bt,
                     BC=16,
                     BK=bkf,
+                    DIAG_RANGE=_gla_diag_range(),
                     num_warps=4,
                     num_stages=1,
                 )
@@ -259,6 +268,7 @@ class _NonDelta(torch.autograd.Function):
                     BC=16,
                     BK=bkf,
                     BV=bvf,
+                    DIAG_RANGE=_gla_diag_range(),
                     num_warps=4,
                     num_stages=1,
                 )
