@@ -239,6 +239,8 @@ CASES += [
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
     # the older GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v1"}),
+    ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
+    ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
 ]
 
 

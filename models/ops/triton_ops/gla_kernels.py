@@ -19,6 +19,8 @@ __all__ = [
     "gla_intra_bwd_kernel",
     "gla_intra_fwd_v2_kernel",
     "gla_intra_bwd_v2_kernel",
+    "gla_intra_fwd_v3_kernel",
+    "gla_intra_bwd_v3_kernel",
 ]
 
 
@@ -274,10 +276,31 @@ def gla_intra_fwd_v2_kernel(
 ):
     """Row block ``I`` of the unscaled scores A (see :func:`gla_intra_fwd_kernel`)."""
     I, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    _fwd_row_block(q_ptr, k_ptr, b_ptr, a_ptr, bos, eos, I, pid_h, H, K, BT, BC, BK, DIAG_RANGE)
+
+
+@triton.jit
+def _fwd_row_block(
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    a_ptr,
+    bos,
+    eos,
+    I,
+    pid_h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """Rows ``[I BC, (I + 1) BC)`` of the chunk ``[bos, eos)``'s scores A."""
     offs_c = tl.arange(0, BC)
     offs_k = tl.arange(0, BK)
     mk = offs_k < K
-    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     ti = bos + I * BC + offs_c
     mi = ti < eos
     ti64 = ti.to(tl.int64)
@@ -343,13 +366,43 @@ def gla_intra_bwd_v2_kernel(
 ):
     """Block X of the intra-chunk dq (rows X) and dk (rows X), fp32 ``[TT, H, K]``."""
     X, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    _bwd_row_block(
+        q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, bos, eos, X, scale, pid_h,
+        H, K, V, BT, BC, BK, BV, DIAG_RANGE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_row_block(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    bos,
+    eos,
+    X,
+    scale,
+    pid_h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """Rows ``[X BC, (X + 1) BC)`` of the chunk ``[bos, eos)``'s intra-chunk dq and dk."""
     NB: tl.constexpr = BT // BC
     offs_c = tl.arange(0, BC)
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
     mk, mv = offs_k < K, offs_v < V
     causal = offs_c[:, None] >= offs_c[None, :]
-    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     tx = bos + X * BC + offs_c
     mx = tx < eos
     tx64 = tx.to(tl.int64)
@@ -442,3 +495,143 @@ def gla_intra_bwd_v2_kernel(
         dk += tl.dot(dat.to(dt), qg)
     dk = dk * tl.exp(tl.minimum(r[None, :] - bx, 0.0)) + dk_d
     tl.store(dk_ptr + kx_ptr, dk, mask=mxk)
+
+
+# --- v3 (the default): whole chunks through one reference gate -----------------------------------
+# One program per (chunk, head). With ``r = (b_first + b_last) / 2`` per channel, every exponent
+# ``b_i - r`` and ``r - b_j`` of the chunk lies within half the chunk's gate range, so when that
+# range is at most ``2 DIAG_RANGE`` the whole 64 x 64 score block is one product of
+# ``q exp(b - r)`` and ``k exp(r - b)``, in K slices of BKS channels (tf32 tensor cores, fp32
+# accumulation), and so are the intra-chunk dq and dk. A chunk whose gates fall further than
+# that takes the v2 computation, row block by row block, in the same program.
+
+
+@triton.jit
+def _chunk_rows(bos, eos, BT: tl.constexpr):
+    t = bos + tl.arange(0, BT)
+    return t.to(tl.int64), t < eos
+
+
+@triton.jit
+def _chunk_ref(b_ptr, bos, eos, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk):
+    """Per-channel reference gate (midpoint of the chunk's first and last row) and whether every
+    channel's range is within ``2 DIAG_RANGE`` (decided by the caller from the range)."""
+    b0 = tl.load(b_ptr + (bos.to(tl.int64) * H + h) * K + offs_k, mask=mk, other=0.0)
+    bl = tl.load(b_ptr + ((eos - 1).to(tl.int64) * H + h) * K + offs_k, mask=mk, other=0.0)
+    return (b0 + bl) * 0.5, tl.max(b0 - bl, 0)
+
+
+@triton.jit
+def gla_intra_fwd_v3_kernel(
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    a_ptr,
+    g_bos,
+    g_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKS: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """Scores A of one chunk (see :func:`gla_intra_fwd_kernel`); the grid is (chunks, H)."""
+    pid_g, pid_h = tl.program_id(0), tl.program_id(1)
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    t64, mt = _chunk_rows(bos, eos, BT)
+    offs_t = tl.arange(0, BT)
+    rng = tl.zeros([1], tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):
+        offs_s = k0 + tl.arange(0, BKS)
+        _mid, rng_s = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, offs_s < K)
+        rng = tl.maximum(rng, rng_s)
+    if tl.max(rng, 0) <= 2 * DIAG_RANGE:
+        a = tl.zeros([BT, BT], tl.float32)
+        for k0 in tl.static_range(0, BK, BKS):
+            offs_s = k0 + tl.arange(0, BKS)
+            ms = offs_s < K
+            r, _rng = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, ms)
+            ptr = (t64[:, None] * H + pid_h) * K + offs_s[None, :]
+            m = mt[:, None] & ms[None, :]
+            q = tl.load(q_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + ptr, mask=m, other=0.0)
+            # padded rows hold q = k = 0; the clamps keep their factors finite
+            qg = q * tl.exp(tl.minimum(b - r[None, :], DIAG_RANGE))
+            kg = k * tl.exp(tl.minimum(r[None, :] - b, DIAG_RANGE))
+            a += tl.dot(qg, tl.trans(kg), input_precision="tf32")
+        a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
+        tl.store(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :], a, mask=mt[:, None])
+    else:
+        for I in range(BT // BC):  # a loop, not unrolled: this path is the rare one
+            _fwd_row_block(
+                q_ptr, k_ptr, b_ptr, a_ptr, bos, eos, I, pid_h, H, K, BT, BC, BK, DIAG_RANGE
+            )
+
+
+@triton.jit
+def gla_intra_bwd_v3_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKS: tl.constexpr,
+    BVS: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """Intra-chunk dq and dk of one chunk, fp32 ``[TT, H, K]``; the grid is (chunks, H)."""
+    pid_g, pid_h = tl.program_id(0), tl.program_id(1)
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    t64, mt = _chunk_rows(bos, eos, BT)
+    offs_t = tl.arange(0, BT)
+    rng = tl.zeros([1], tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):
+        offs_s = k0 + tl.arange(0, BKS)
+        _mid, rng_s = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, offs_s < K)
+        rng = tl.maximum(rng, rng_s)
+    if tl.max(rng, 0) <= 2 * DIAG_RANGE:
+        da = tl.zeros([BT, BT], tl.float32)
+        for v0 in tl.static_range(0, BV, BVS):
+            offs_v = v0 + tl.arange(0, BVS)
+            ptr = (t64[:, None] * H + pid_h) * V + offs_v[None, :]
+            m = mt[:, None] & (offs_v < V)[None, :]
+            do = tl.load(do_ptr + ptr, mask=m, other=0.0)
+            v = tl.load(v_ptr + ptr, mask=m, other=0.0)
+            da += tl.dot(do, tl.trans(v))
+        da = tl.where(offs_t[:, None] >= offs_t[None, :], da * scale, 0.0)  # [i, j]
+        for k0 in tl.static_range(0, BK, BKS):
+            offs_s = k0 + tl.arange(0, BKS)
+            ms = offs_s < K
+            r, _rng = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, ms)
+            ptr = (t64[:, None] * H + pid_h) * K + offs_s[None, :]
+            m = mt[:, None] & ms[None, :]
+            q = tl.load(q_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + ptr, mask=m, other=0.0)
+            eq = tl.exp(tl.minimum(b - r[None, :], DIAG_RANGE))
+            ek = tl.exp(tl.minimum(r[None, :] - b, DIAG_RANGE))
+            dq = eq * tl.dot(da, k * ek, input_precision="tf32")
+            dk = ek * tl.dot(tl.trans(da), q * eq, input_precision="tf32")
+            tl.store(dq_ptr + ptr, dq, mask=m)
+            tl.store(dk_ptr + ptr, dk, mask=m)
+    else:
+        for X in range(BT // BC):
+            _bwd_row_block(
+                q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dq_ptr, dk_ptr, bos, eos, X, scale, pid_h,
+                H, K, V, BT, BC, BK, BV, DIAG_RANGE,
+            )  # fmt: skip

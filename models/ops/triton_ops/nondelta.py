@@ -42,17 +42,20 @@ def _launch_opts(dtype, *tiles: int) -> dict:
 
 
 def _gla_diag_range() -> int:
-    """The largest in-block gate range (``max(r0 - b_j)`` over a 16-row block, in nats) for
-    which the v2 intra-chunk kernels factor a diagonal block through its first row; beyond it
-    (and everywhere with ``LINSCALE_GLA_DIAG_RANGE=0`` unless all gates are 0) they loop over
-    the rows. 40 keeps ``exp(40)`` factors and their products far inside fp32."""
+    """``LINSCALE_GLA_DIAG_RANGE`` (nats, default 40): the v3 intra-chunk kernels factor a
+    whole chunk through one reference gate when its gate range is at most twice this, and the
+    v2 computation (v3's fallback) factors a 16-row diagonal block through its first row when
+    its range is at most this; beyond, it loops over the rows (with 0, everywhere unless all
+    gates are 0). 40 keeps every ``exp`` factor and product far inside fp32."""
     return env_setting("LINSCALE_GLA_DIAG_RANGE", 40, tuple(range(0, 61)))
 
 
-def _gla_intra_v2() -> bool:
-    """The row-block intra-chunk kernels (v2, the default: 18.4 ms against 31.2 ms fwd+bwd for
-    v1 at 8K x 8 on an H100); ``LINSCALE_GLA_INTRA=v1`` picks the older per-chunk kernels."""
-    return env_setting("LINSCALE_GLA_INTRA", "v2", ("v1", "v2")) == "v2"
+def _gla_intra() -> str:
+    """Which GLA intra-chunk kernels run (``LINSCALE_GLA_INTRA``): ``v3`` (the default) factors
+    whole chunks through one reference gate where their gate range allows it, ``v2`` works in
+    16-row blocks (14.1 ms fwd+bwd at 8K x 8 on an H100, where v1 took 31.2), ``v1`` is the
+    oldest per-chunk version."""
+    return env_setting("LINSCALE_GLA_INTRA", "v3", ("v1", "v2", "v3"))
 
 
 class _NonDelta(torch.autograd.Function):
@@ -81,8 +84,28 @@ class _NonDelta(torch.autograd.Function):
                 gf, bc, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BK=bk
             )
             gf = bc
-            a = torch.empty(TT, H, bt, **f32)
-            if _gla_intra_v2():
+            # A feeds tensor-core products in q's dtype only: stored in it
+            a = torch.empty(TT, H, bt, device=q.device, dtype=q.dtype)
+            intra = _gla_intra()
+            if intra == "v3":
+                gla.gla_intra_fwd_v3_kernel[(cgrp.n_groups, H)](
+                    q,
+                    k,
+                    gf,
+                    a,
+                    cgrp.bos,
+                    cgrp.eos,
+                    H=H,
+                    K=K,
+                    BT=bt,
+                    BC=16,
+                    BK=bkf,
+                    BKS=min(64, bkf),
+                    DIAG_RANGE=_gla_diag_range(),
+                    num_warps=env_setting("LINSCALE_GLA_V3_FWD_WARPS", 4, (4, 8)),
+                    num_stages=1,
+                )
+            elif intra == "v2":
                 gla.gla_intra_fwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
                     q,
                     k,
@@ -249,7 +272,33 @@ class _NonDelta(torch.autograd.Function):
         if gate == 2:
             dqi = torch.empty(TT, H, K, **f32)
             dki = torch.empty(TT, H, K, **f32)
-            if _gla_intra_v2():
+            intra = _gla_intra()
+            if intra == "v3":
+                gla.gla_intra_bwd_v3_kernel[(cgrp.n_groups, H)](
+                    q,
+                    k,
+                    v,
+                    gf,
+                    do,
+                    dqi,
+                    dki,
+                    cgrp.bos,
+                    cgrp.eos,
+                    scale,
+                    H=H,
+                    K=K,
+                    V=V,
+                    BT=bt,
+                    BC=16,
+                    BK=bkf,
+                    BV=bvf,
+                    BKS=min(64, bkf),
+                    BVS=min(64, bvf),
+                    DIAG_RANGE=_gla_diag_range(),
+                    num_warps=8,  # 4 warps spill at K = 128 (sm_90 compile statistics)
+                    num_stages=1,
+                )
+            elif intra == "v2":
                 gla.gla_intra_bwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
                     q,
                     k,
