@@ -34,6 +34,15 @@ def _config(K: int, V: int):
     return bk_full, bv_full, bk, bv
 
 
+def _state_bv(gate: int, bv: int, bv_full: int) -> int:
+    """V tile of the local-state kernels: with per-channel gates a wider tile computes each
+    ``exp`` of the [chunk, K-block] gate tile once per fewer programs
+    (``LINSCALE_KERNEL_GLA_STATE_BV``, 64 by default; capped at V's padded width)."""
+    if gate != 2:
+        return bv
+    return min(bv_full, env_setting("LINSCALE_KERNEL_GLA_STATE_BV", 64, (64, 128, 256)))
+
+
 def _launch_opts(dtype, *tiles: int) -> dict:
     # fp32 tiles are twice the bytes: one pipeline stage keeps them inside shared memory.
     return dict(
@@ -141,8 +150,8 @@ class _NonDelta(torch.autograd.Function):
                 )
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
-        st = _launch_opts(q.dtype, bk * bv)
-        kern.local_state_kernel[(nk * nv, G, H)](
+        sbv = _state_bv(gate, bv, bvf)
+        kern.local_state_kernel[(nk * triton.cdiv(V, sbv), G, H)](
             k,
             v,
             gf,
@@ -156,10 +165,10 @@ class _NonDelta(torch.autograd.Function):
             V=V,
             BT=bt,
             BK=bk,
-            BV=bv,
+            BV=sbv,
             GATE=gate,
             REVERSE=False,
-            **st,
+            **_launch_opts(q.dtype, bk * sbv),
         )
         hs = torch.empty(G, H, K, V, **f32)
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else hs
@@ -229,7 +238,8 @@ class _NonDelta(torch.autograd.Function):
         do = do.contiguous().view(TT, H, V)
         f32 = dict(device=q.device, dtype=torch.float32)
         dm = torch.empty(G, H, K, V, **f32)
-        kern.local_state_kernel[(nk * nv, G, H)](
+        sbv = _state_bv(gate, bv, bvf)
+        kern.local_state_kernel[(nk * triton.cdiv(V, sbv), G, H)](
             q,
             do,
             gf,
@@ -243,10 +253,10 @@ class _NonDelta(torch.autograd.Function):
             V=V,
             BT=bt,
             BK=bk,
-            BV=bv,
+            BV=sbv,
             GATE=gate,
             REVERSE=True,
-            **_launch_opts(q.dtype, bk * bv),
+            **_launch_opts(q.dtype, bk * sbv),
         )
         he = torch.empty(G, H, K, V, **f32)
         dh0 = torch.empty(N, H, K, V, **f32)
@@ -351,9 +361,11 @@ class _NonDelta(torch.autograd.Function):
         dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
         dv = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
         hc = torch.empty(grp.n_chunks, H, K, V, device=q.device, dtype=q.dtype) if gate else q
-        dg = sq = q
+        g_shape, g_dtype = g_meta if gate else (None, None)
+        dg = sq = dqo = q
         if gate == 2:
-            dg = torch.empty(TT, H, K, **f32)
+            dg = torch.empty(TT, H, K, device=q.device, dtype=g_dtype)
+            dqo = torch.empty(TT, H, K, device=q.device, dtype=q.dtype)
         elif gate == 1:
             dg = torch.empty(nk, TT, H, **f32)
             sq = torch.empty(nk, H, TT, **f32)
@@ -398,6 +410,7 @@ class _NonDelta(torch.autograd.Function):
             sq,
             dk,
             dg,
+            dqo,
             grp.bos,
             grp.eos,
             grp.c0,
@@ -433,12 +446,11 @@ class _NonDelta(torch.autograd.Function):
             **_launch_opts(q.dtype, bkf * bv, bt * bkf),
         )
         dgo = None
-        if gate:
-            if gate == 1:
-                dg = dg.sum(0)
-            g_shape, g_dtype = g_meta
-            dgo = dg.view(g_shape).to(g_dtype)
-        dq = dq.view(B, T, H, K).to(q.dtype)
+        if gate == 1:
+            dgo = dg.sum(0).view(g_shape).to(g_dtype)
+        elif gate == 2:
+            dgo, dq = dg.view(g_shape), dqo
+        dq = dq.view(B, T, H, K)
         dk = dk.view(B, T, H, K)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None

@@ -362,6 +362,7 @@ def bwd_dk_kernel(
     sq_ptr,
     dk_ptr,
     dg_ptr,
+    dqo_ptr,
     g_bos,
     g_eos,
     g_c0,
@@ -382,7 +383,8 @@ def bwd_dk_kernel(
     ``dg_s = sum_{t >= s in c} (q_t dq_t - k_t dk_t) + sum_v (H_c * dH_c)`` with H_c / dH_c the
     state / adjoint at the chunk's end (GATE 2: ``[TT, H, K]``, from the fp32 dq ``[TT, H, K]``;
     GATE 1: this K-block's partial sum, ``[NK, TT, H]``, from the dq kernel's ``sq`` of the same
-    K-block, ``[NK, H, TT]``). Cutting the reverse sum at every chunk keeps its error local."""
+    K-block, ``[NK, H, TT]``). GATE 2 also stores the fp32 dq it reads in dqo's dtype (and dg
+    in dg_ptr's: the gate's dtype), so no conversion pass follows. Cutting the reverse sum at every chunk keeps its error local."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -446,6 +448,7 @@ def bwd_dk_kernel(
                 dh = dh * tl.exp(bl)[:, None]
                 k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+                _store(dqo_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)  # dq in q's dtype
                 db = q.to(tl.float32) * dq - k * dk
                 dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
                 _store(dg_ptr, dg, t64, mt, pid_h, H, K, offs_k, mk)
