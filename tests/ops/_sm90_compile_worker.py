@@ -241,7 +241,7 @@ CASES += [
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v1"}),
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
-    ("gla", "bf16", 128, 128, False, False, {"LINSCALE_KERNEL_GLA_STATE_BV": "128"}),
+    ("gla", "bf16", 128, 128, False, False, {"LINSCALE_KERNEL_GLA_STATE_BV": "64"}),
 ]
 
 

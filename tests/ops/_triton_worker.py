@@ -30,7 +30,7 @@ CASES = {
         ("scalar_varlen", "scalar", 1, 200, 2, 16, 16, 3, 64, True),
         ("scalar_k64_v256", "scalar", 1, 70, 1, 64, 256, None, None, True),
         ("gla_k256_v64", "gla", 1, 70, 1, 256, 64, None, None, True),
-        ("gla_v80_state_bv128", "gla", 1, 150, 2, 16, 80, None, 64, True),
+        ("gla_v80_state_bv64", "gla", 1, 150, 2, 16, 80, None, 64, True),
         ("gla", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_varlen", "gla", 1, 200, 2, 16, 16, 3, 64, True),
         ("gla_one_group", "gla", 1, 45, 1, 16, 16, None, None, True),
@@ -85,7 +85,7 @@ def main(family: str) -> None:
             os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
         os.environ["LINSCALE_GLA_INTRA"] = next((v for v in ("v1", "v2") if f"_{v}" in cid), "v3")
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
-        os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "128" if "_state_bv128" in cid else ""
+        os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
         x, cu = make_inputs(
             variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
         )
