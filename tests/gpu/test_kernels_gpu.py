@@ -98,13 +98,6 @@ def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0
     assert not bad, f"relative errors over {TOL[dtype]}: {bad}; all: {errs}"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gla_intra_v1_vs_fp32_reference(dtype, monkeypatch):
-    """The older per-chunk GLA intra-chunk kernels (opt-in, LINSCALE_GLA_INTRA=v1), 8K x 2."""
-    monkeypatch.setenv("LINSCALE_GLA_INTRA", "v1")
-    test_kernel_vs_fp32_reference("gla", (2, 8192, 4, None), dtype)
-
-
 @pytest.mark.parametrize("gate_mult", [1.0, 4.0], ids=["x16", "x64"])
 def test_gla_strong_gates(gate_mult):
     """GLA gates 16x and 64x the default (``logsigmoid(x)``, about -0.8 per token and channel,

@@ -237,8 +237,7 @@ CASES += [
     ("delta", "bf16", 128, 128, False, False, {}),  # chunk_gated_delta_rule with g=None
     # the scans' V tile with many sequences x heads (auto picks 32 there, 16 at this size)
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
-    # the older GLA intra-chunk kernels, still selectable
-    ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v1"}),
+    # the 16-row-block GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_KERNEL_GLA_STATE_BV": "64"}),

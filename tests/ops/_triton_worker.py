@@ -40,9 +40,6 @@ CASES = {
         # between chunks inside a group and between groups
         ("scalar_multichunk_groups", "scalar", 1, 300, 1, 16, 16, None, 128, True),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
-        # ids with "_v1" run the older per-chunk GLA intra-chunk kernels (LINSCALE_GLA_INTRA=v1)
-        ("gla_v1", "gla", 2, 150, 2, 32, 16, None, 64, True),
-        ("gla_v1_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_v2_k256_v64", "gla", 1, 70, 1, 256, 64, None, None, True),
@@ -51,6 +48,7 @@ CASES = {
         ("gla_loopdiag", "gla", 2, 150, 2, 32, 16, None, 64, True),
         ("gla_loopdiag_odd_kv_varlen", "gla", 1, 200, 2, 24, 40, 3, 64, True),
         ("gla_v2_loopdiag", "gla", 1, 200, 2, 24, 40, 3, 64, True),
+        ("gla_v2_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
     ],
     "delta": [
         ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
@@ -83,7 +81,7 @@ def main(family: str) -> None:
             os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS", None)
         else:
             os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt)
-        os.environ["LINSCALE_GLA_INTRA"] = next((v for v in ("v1", "v2") if f"_{v}" in cid), "v3")
+        os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v3"
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
         x, cu = make_inputs(

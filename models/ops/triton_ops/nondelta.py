@@ -62,10 +62,9 @@ def _gla_diag_range() -> int:
 
 def _gla_intra() -> str:
     """Which GLA intra-chunk kernels run (``LINSCALE_GLA_INTRA``): ``v3`` (the default) factors
-    whole chunks through one reference gate where their gate range allows it, ``v2`` works in
-    16-row blocks (14.1 ms fwd+bwd at 8K x 8 on an H100, where v1 took 31.2), ``v1`` is the
-    oldest per-chunk version."""
-    return env_setting("LINSCALE_GLA_INTRA", "v3", ("v1", "v2", "v3"))
+    whole chunks through one reference gate where their gate range allows it (10.5 ms GLA
+    fwd+bwd at 8K x 8 on an H100 when introduced), ``v2`` works in 16-row blocks (14.1 ms)."""
+    return env_setting("LINSCALE_GLA_INTRA", "v3", ("v2", "v3"))
 
 
 class _NonDelta(torch.autograd.Function):
@@ -112,10 +111,10 @@ class _NonDelta(torch.autograd.Function):
                     BK=bkf,
                     BKS=min(64, bkf),
                     DIAG_RANGE=_gla_diag_range(),
-                    num_warps=env_setting("LINSCALE_GLA_V3_FWD_WARPS", 4, (4, 8)),
+                    num_warps=4,  # 8 measured slower (10.85 vs 10.47 ms GLA fwd+bwd)
                     num_stages=1,
                 )
-            elif intra == "v2":
+            else:
                 gla.gla_intra_fwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
                     q,
                     k,
@@ -129,23 +128,6 @@ class _NonDelta(torch.autograd.Function):
                     BC=16,
                     BK=bkf,
                     DIAG_RANGE=_gla_diag_range(),
-                    num_warps=4,
-                    num_stages=1,
-                )
-            else:
-                gla.gla_intra_fwd_kernel[(cgrp.n_groups, H)](
-                    q,
-                    k,
-                    gf,
-                    a,
-                    cgrp.bos,
-                    cgrp.eos,
-                    H=H,
-                    K=K,
-                    BT=bt,
-                    BC=16,
-                    BK=bkf,
-                    BKS=32,
                     num_warps=4,
                     num_stages=1,
                 )
@@ -309,7 +291,7 @@ class _NonDelta(torch.autograd.Function):
                     num_warps=8,  # 4 warps spill at K = 128 (sm_90 compile statistics)
                     num_stages=1,
                 )
-            elif intra == "v2":
+            else:
                 gla.gla_intra_bwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
                     q,
                     k,
@@ -329,28 +311,6 @@ class _NonDelta(torch.autograd.Function):
                     BK=bkf,
                     BV=bvf,
                     DIAG_RANGE=_gla_diag_range(),
-                    num_warps=4,
-                    num_stages=1,
-                )
-            else:
-                gla.gla_intra_bwd_kernel[(triton.cdiv(K, 32), cgrp.n_groups, H)](
-                    q,
-                    k,
-                    v,
-                    gf,
-                    do,
-                    dqi,
-                    dki,
-                    cgrp.bos,
-                    cgrp.eos,
-                    scale,
-                    H=H,
-                    K=K,
-                    V=V,
-                    BT=bt,
-                    BC=16,
-                    BKS=32,
-                    BV=bvf,
                     num_warps=4,
                     num_stages=1,
                 )
