@@ -329,11 +329,32 @@ def _chunk_rows(bos, eos, BT: tl.constexpr):
 
 @triton.jit
 def _chunk_ref(b_ptr, bos, eos, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk):
-    """Per-channel reference gate (midpoint of the chunk's first and last row) and whether every
-    channel's range is within ``2 DIAG_RANGE`` (decided by the caller from the range)."""
+    """Per-channel reference gate (midpoint of the chunk's first and last row) and the largest
+    per-channel gate range over the chunk (first row minus last)."""
     b0 = tl.load(b_ptr + (bos.to(tl.int64) * H + h) * K + offs_k, mask=mk, other=0.0)
     bl = tl.load(b_ptr + ((eos - 1).to(tl.int64) * H + h) * K + offs_k, mask=mk, other=0.0)
     return (b0 + bl) * 0.5, tl.max(b0 - bl, 0)
+
+
+@triton.jit
+def _chunk_factors(
+    b_ptr,
+    bos,
+    eos,
+    h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    BKS: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """Whether every channel's gate range over the chunk is within ``2 DIAG_RANGE``."""
+    rng = tl.zeros([1], tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):
+        offs_s = k0 + tl.arange(0, BKS)
+        _mid, rng_s = _chunk_ref(b_ptr, bos, eos, h, H, K, offs_s, offs_s < K)
+        rng = tl.maximum(rng, rng_s)
+    return tl.max(rng, 0) <= 2 * DIAG_RANGE
 
 
 @triton.jit
@@ -358,12 +379,7 @@ def gla_intra_fwd_v3_kernel(
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     t64, mt = _chunk_rows(bos, eos, BT)
     offs_t = tl.arange(0, BT)
-    rng = tl.zeros([1], tl.float32)
-    for k0 in tl.static_range(0, BK, BKS):
-        offs_s = k0 + tl.arange(0, BKS)
-        _mid, rng_s = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, offs_s < K)
-        rng = tl.maximum(rng, rng_s)
-    if tl.max(rng, 0) <= 2 * DIAG_RANGE:
+    if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         a = tl.zeros([BT, BT], tl.float32)
         for k0 in tl.static_range(0, BK, BKS):
             offs_s = k0 + tl.arange(0, BKS)
@@ -415,12 +431,7 @@ def gla_intra_bwd_v3_kernel(
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     t64, mt = _chunk_rows(bos, eos, BT)
     offs_t = tl.arange(0, BT)
-    rng = tl.zeros([1], tl.float32)
-    for k0 in tl.static_range(0, BK, BKS):
-        offs_s = k0 + tl.arange(0, BKS)
-        _mid, rng_s = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, offs_s < K)
-        rng = tl.maximum(rng, rng_s)
-    if tl.max(rng, 0) <= 2 * DIAG_RANGE:
+    if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         da = tl.zeros([BT, BT], tl.float32)
         for v0 in tl.static_range(0, BV, BVS):
             offs_v = v0 + tl.arange(0, BVS)
