@@ -88,8 +88,8 @@ def gla_intra_fwd_v2_kernel(
     BK: tl.constexpr,
     DIAG_RANGE: tl.constexpr,
 ):
-    """Row block ``I`` of the unscaled fp32 scores A ``[TT, H, BT]`` (row t, column j of t's
-    chunk; j > i unwritten)."""
+    """Row block ``I`` of the unscaled scores A ``[TT, H, BT]``, stored in A's dtype (row t,
+    column j of t's chunk; j > i unwritten)."""
     I, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
     _fwd_row_block(q_ptr, k_ptr, b_ptr, a_ptr, bos, eos, I, pid_h, H, K, BT, BC, BK, DIAG_RANGE)
