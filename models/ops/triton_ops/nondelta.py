@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from models.ops.triton_ops import gla_kernels as gla
 from models.ops.triton_ops import nondelta_kernels as kern
 from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
+from models.ops.triton_ops.gla_intra import gla_cumulative_gate, gla_intra_grads, gla_scores
 
 __all__ = ["nondelta_attn"]
 
@@ -51,22 +51,6 @@ def _launch_opts(dtype, *tiles: int) -> dict:
     )
 
 
-def _gla_diag_range() -> int:
-    """``LINSCALE_GLA_DIAG_RANGE`` (nats, default 40): the v3 intra-chunk kernels factor a
-    whole chunk through one reference gate when its gate range is at most twice this, and the
-    v2 computation (v3's fallback) factors a 16-row diagonal block through its first row when
-    its range is at most this; beyond, it loops over the rows (with 0, everywhere unless all
-    gates are 0). 40 keeps every ``exp`` factor and product far inside fp32."""
-    return env_setting("LINSCALE_GLA_DIAG_RANGE", 40, tuple(range(0, 61)))
-
-
-def _gla_intra() -> str:
-    """Which GLA intra-chunk kernels run (``LINSCALE_GLA_INTRA``): ``v3`` (the default) factors
-    whole chunks through one reference gate where their gate range allows it (10.5 ms GLA
-    fwd+bwd at 8K x 8 on an H100 when introduced), ``v2`` works in 16-row blocks (14.1 ms)."""
-    return env_setting("LINSCALE_GLA_INTRA", "v3", ("v2", "v3"))
-
-
 class _NonDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, gate, output_final_state):
@@ -88,49 +72,8 @@ class _NonDelta(torch.autograd.Function):
             cgrp = make_groups(
                 B, T, cu_seqlens, chunk=bt, programs_per_group=H, device=q.device, group_tokens=bt
             )
-            bc = torch.empty(TT, H, K, **f32)
-            gla.chunk_cumsum_kernel[(nk, cgrp.n_groups, H)](
-                gf, bc, cgrp.bos, cgrp.eos, H=H, K=K, BT=bt, BK=bk
-            )
-            gf = bc
-            # A feeds tensor-core products in q's dtype only: stored in it
-            a = torch.empty(TT, H, bt, device=q.device, dtype=q.dtype)
-            intra = _gla_intra()
-            if intra == "v3":
-                gla.gla_intra_fwd_v3_kernel[(cgrp.n_groups, H)](
-                    q,
-                    k,
-                    gf,
-                    a,
-                    cgrp.bos,
-                    cgrp.eos,
-                    H=H,
-                    K=K,
-                    BT=bt,
-                    BC=16,
-                    BK=bkf,
-                    BKS=min(64, bkf),
-                    DIAG_RANGE=_gla_diag_range(),
-                    num_warps=4,  # 8 measured slower (10.85 vs 10.47 ms GLA fwd+bwd)
-                    num_stages=1,
-                )
-            else:
-                gla.gla_intra_fwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
-                    q,
-                    k,
-                    gf,
-                    a,
-                    cgrp.bos,
-                    cgrp.eos,
-                    H=H,
-                    K=K,
-                    BT=bt,
-                    BC=16,
-                    BK=bkf,
-                    DIAG_RANGE=_gla_diag_range(),
-                    num_warps=4,
-                    num_stages=1,
-                )
+            gf = gla_cumulative_gate(gf, cgrp, bk)
+            a = gla_scores(q, k, gf, cgrp, bkf)
         m = torch.empty(G, H, K, V, **f32)
         dl = torch.empty(G, H, K, **f32) if gate == 2 else torch.empty(G, H, **f32)
         sbv = _state_bv(gate, bv, bvf)
@@ -263,57 +206,7 @@ class _NonDelta(torch.autograd.Function):
         )
         dqi = dki = q
         if gate == 2:
-            dqi = torch.empty(TT, H, K, **f32)
-            dki = torch.empty(TT, H, K, **f32)
-            intra = _gla_intra()
-            if intra == "v3":
-                gla.gla_intra_bwd_v3_kernel[(cgrp.n_groups, H)](
-                    q,
-                    k,
-                    v,
-                    gf,
-                    do,
-                    dqi,
-                    dki,
-                    cgrp.bos,
-                    cgrp.eos,
-                    scale,
-                    H=H,
-                    K=K,
-                    V=V,
-                    BT=bt,
-                    BC=16,
-                    BK=bkf,
-                    BV=bvf,
-                    BKS=min(64, bkf),
-                    BVS=min(64, bvf),
-                    DIAG_RANGE=_gla_diag_range(),
-                    num_warps=8,  # 4 warps spill at K = 128 (sm_90 compile statistics)
-                    num_stages=1,
-                )
-            else:
-                gla.gla_intra_bwd_v2_kernel[(bt // 16, cgrp.n_groups, H)](
-                    q,
-                    k,
-                    v,
-                    gf,
-                    do,
-                    dqi,
-                    dki,
-                    cgrp.bos,
-                    cgrp.eos,
-                    scale,
-                    H=H,
-                    K=K,
-                    V=V,
-                    BT=bt,
-                    BC=16,
-                    BK=bkf,
-                    BV=bvf,
-                    DIAG_RANGE=_gla_diag_range(),
-                    num_warps=4,
-                    num_stages=1,
-                )
+            dqi, dki = gla_intra_grads(q, k, v, gf, do, cgrp, scale, bkf, bvf)
         # The gate gradient needs q.dq from the fp32 accumulator (a bf16-rounded dq put the bf16
         # gate gradient at 1.01e-2 relative error on the H100 check). GATE 2 re-reads dq in the dk
         # kernel, so it stays fp32 there; GATE 1 only needs the per-token, per-K-block sum
