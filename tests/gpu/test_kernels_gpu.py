@@ -101,10 +101,11 @@ def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0
 @pytest.mark.parametrize("gate_mult", [1.0, 4.0], ids=["x16", "x64"])
 def test_gla_strong_gates(gate_mult):
     """GLA gates 16x and 64x the default (``logsigmoid(x)``, about -0.8 per token and channel,
-    and 4x that), fp32, 8K with three documents: at 16x some chunks span more than exp(-80) and
-    take the 16-row-block computation while the others factor whole; at 64x most chunks fall
-    back and many diagonal blocks loop over their rows. (bf16 at 64x put dgk at 1.2e-2 on both
-    diagonal paths alike: the ``q dq - k dk`` gate gradient at strong decay, not the factoring.)
+    and 4x that), fp32, 8K with three documents. A chunk's per-channel gate sums average about
+    51 nats at 16x, around v3's 80-nat limit for factoring a whole chunk, so both v3 paths run;
+    at 64x (about 200 per chunk, 50 per 16 rows) chunks take the row-block path and its 16-row
+    diagonal blocks straddle their 40-nat limit. (bf16 at 64x put dgk at 1.2e-2 on both diagonal
+    paths alike: the ``q dq - k dk`` gate gradient at strong decay, not the factoring.)
     """
     test_kernel_vs_fp32_reference("gla", (1, 8192, 2, 3), torch.float32, gate_mult=gate_mult)
 
