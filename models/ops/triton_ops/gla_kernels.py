@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from models.ops.triton_ops.nondelta_kernels import _rows
+
 __all__ = [
     "chunk_cumsum_kernel",
     "gla_intra_fwd_v2_kernel",
@@ -322,12 +324,6 @@ def _bwd_row_block(
 
 
 @triton.jit
-def _chunk_rows(bos, eos, BT: tl.constexpr):
-    t = bos + tl.arange(0, BT)
-    return t.to(tl.int64), t < eos
-
-
-@triton.jit
 def _chunk_ref(b_ptr, bos, eos, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk):
     """Per-channel reference gate (midpoint of the chunk's first and last row) and the largest
     per-channel gate range over the chunk (first row minus last)."""
@@ -377,7 +373,7 @@ def gla_intra_fwd_v3_kernel(
     zeros); the grid is (chunks, H)."""
     pid_g, pid_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    t64, mt = _chunk_rows(bos, eos, BT)
+    t64, mt, _last = _rows(bos, eos, 0, BT)
     offs_t = tl.arange(0, BT)
     if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         a = tl.zeros([BT, BT], tl.float32)
@@ -429,7 +425,7 @@ def gla_intra_bwd_v3_kernel(
     """Intra-chunk dq and dk of one chunk, fp32 ``[TT, H, K]``; the grid is (chunks, H)."""
     pid_g, pid_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    t64, mt = _chunk_rows(bos, eos, BT)
+    t64, mt, _last = _rows(bos, eos, 0, BT)
     offs_t = tl.arange(0, BT)
     if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         da = tl.zeros([BT, BT], tl.float32)
