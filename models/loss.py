@@ -10,9 +10,9 @@ with ``LINSCALE_CE_BACKEND=torch``, from torch ops on an fp32 (fp64 in tests) co
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from models.env_settings import env_setting
 
 __all__ = ["chunked_cross_entropy"]
 
@@ -25,9 +25,7 @@ def _fused_xent(hidden: torch.Tensor):
 
     ``LINSCALE_CE_BACKEND``: ``auto`` (Triton for CUDA fp16/bf16/fp32 logits), ``triton`` (also
     on CPU under ``TRITON_INTERPRET=1``, tests) or ``torch``."""
-    choice = os.environ.get("LINSCALE_CE_BACKEND", "auto")
-    if choice not in _CE_BACKENDS:
-        raise ValueError(f"LINSCALE_CE_BACKEND must be one of {_CE_BACKENDS}, got {choice!r}")
+    choice = env_setting("LINSCALE_CE_BACKEND", "auto", _CE_BACKENDS)
     ok_dtype = hidden.dtype in (torch.float16, torch.bfloat16, torch.float32)
     if choice == "torch" or not ok_dtype or (choice == "auto" and not hidden.is_cuda):
         return None

@@ -15,11 +15,11 @@ the Triton interpreter on CPU with ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from models.env_settings import env_setting
 from models.ops import reference
 from models.ops.naive import (
     naive_gated_delta_rule,
@@ -71,9 +71,7 @@ def _pick(name: str, x: torch.Tensor, backend: str):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("LINSCALE_OPS_BACKEND", "auto")
-        if backend not in _BACKENDS:
-            raise ValueError(f"LINSCALE_OPS_BACKEND must be one of {_BACKENDS}, got {backend!r}")
+        backend = env_setting("LINSCALE_OPS_BACKEND", "auto", _BACKENDS)
     if backend == "reference":
         return getattr(reference, name)
     if backend == "auto" and not x.is_cuda:

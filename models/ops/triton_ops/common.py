@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from models.env_settings import env_setting
+
 __all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_setting"]
-
-
-def env_setting(name: str, default, allowed: tuple = (), *, minimum: int | None = None):
-    """A kernel setting from environment variable ``name``, of ``default``'s type (int or str):
-    ``default`` when unset or empty. Read at every call, so it can change between calls (each
-    setting feeds a launch parameter or constexpr, part of Triton's cache key). Raises
-    ValueError naming the variable when the value does not convert, is not one of ``allowed``
-    (when given) or is below ``minimum`` (when given)."""
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        val = type(default)(raw)
-    except ValueError:
-        val = None
-    ok = val is not None and (not allowed or val in allowed)
-    ok = ok and (minimum is None or val >= minimum)
-    if not ok:
-        want = f"one of {', '.join(map(str, allowed))}" if allowed else f"an integer >= {minimum}"
-        raise ValueError(f"{name}={raw!r}: expected {want}")
-    return val
 
 
 def _target_programs() -> int:

@@ -16,9 +16,8 @@ import triton.language as tl
 
 __all__ = ["xent_loss_and_grad_"]
 
-_NEG = tl.constexpr(
-    -1.0e30
-)  # a finite "minus infinity": exp(x - m) stays 0 / 1 without inf - inf = nan
+# a finite "minus infinity": exp(x - m) stays 0 / 1 without inf - inf = nan
+_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
