@@ -58,3 +58,19 @@ def test_argument_errors() -> None:
         lasp2_linear_attn(q, q, q, group=None, layout="zigzag")
     with pytest.raises(ValueError, match="Hkv"):
         lasp2h_attention(q, q[:, :, :1, :3], q[:, :, :1, :3], group=None)
+
+
+def test_lasp2h_backend_setting(monkeypatch) -> None:
+    """The block backend: math on CPU by default; a forced value is checked by name."""
+    from parallel.lasp2h import attention_block_forward
+
+    q = torch.randn(1, 6, 2, 8)
+    monkeypatch.delenv("LINSCALE_LASP2H_BACKEND", raising=False)
+    o, lse, aux = attention_block_forward(q, q, q, causal=True, scale=0.5)
+    assert aux is None and lse.shape == (1, 2, 6)
+    monkeypatch.setenv("LINSCALE_LASP2H_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="LINSCALE_LASP2H_BACKEND='cudnn' needs CUDA"):
+        attention_block_forward(q, q, q, causal=True, scale=0.5)
+    monkeypatch.setenv("LINSCALE_LASP2H_BACKEND", "fa3")
+    with pytest.raises(ValueError, match="LINSCALE_LASP2H_BACKEND='fa3': expected one of"):
+        attention_block_forward(q, q, q, causal=True, scale=0.5)
