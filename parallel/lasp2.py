@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from parallel._sp_comm import Pending, all_gather_async, group_info
+from parallel.kv_state import kv_state
 from parallel.sequence_shard import (
     check_layout,
     local_slices,
@@ -256,14 +257,13 @@ def affine_pieces(kind: str, q, k, v, gate, *, scale: float, with_q: bool = True
     sd, cd = state_dtype(q), compute_dtype(q)
     k, v = k.to(cd), v.to(cd)
     if kind == "none":
-        M = torch.einsum("nthk,nthv->nhkv", k, v).to(sd)
-        return None, M, (q.to(cd) * scale if with_q else None)
+        return None, kv_state(k, v), (q.to(cd) * scale if with_q else None)
     gc = gate.to(sd).cumsum(1)
     gT = gc[:, -1]
     to_end, from_start = (gT[:, None] - gc).exp(), gc.exp() * scale
     if kind == "scalar":
         to_end, from_start = to_end[..., None], from_start[..., None]
-    M = torch.einsum("nthk,nthv->nhkv", (k * to_end).to(cd), v).to(sd)
+    M = kv_state((k * to_end).to(cd), v)
     return gT.exp(), M, ((q * from_start).to(cd) if with_q else None)
 
 

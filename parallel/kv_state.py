@@ -1,0 +1,89 @@
+"""A slice's state from zero, ``M = sum_t k_t^T v_t``, as strided batched matmuls over the heads.
+
+LASP-2 (and the LASP-1 ring) need every slice's ``M`` before or beside the op. Written as an
+einsum over ``[N, T, H, D]`` inputs, torch first copies k and v into head-major order (two
+transposing copies of a 32K-token slice took 0.38 ms per layer and pass on an H100, about 12 ms
+of a Linear-Llama-1B step); here each slice's heads are one batched GEMM that reads k and v in
+place (a head's ``[T, D]`` rows are strided by ``H * D``, which BLAS takes as a leading
+dimension), and the gradients come back head-major and are handed on as transposed views.
+On CUDA, 16-bit inputs take the forward's own state kernels instead (``kv_final_state``: no
+copies either, and faster than the batched GEMM, whose fp32-output variant copied k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kv_state"]
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bmm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` batched, result in ``dtype``: 16-bit inputs on tensor cores with fp32
+    accumulation and fp32 output on CUDA (upcast on CPU, which has no such kernel)."""
+    if a.dtype in _HALF and dtype != a.dtype:
+        if a.is_cuda:
+            return torch.bmm(a, b, out_dtype=dtype)
+        return torch.bmm(a.to(dtype), b.to(dtype))
+    return torch.bmm(a, b).to(dtype)
+
+
+class _KvState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v):
+        ctx.save_for_backward(k, v)
+        sd = _state_dtype(k)
+        # k[n].permute(1, 2, 0): [H, K, T]; v[n].transpose(0, 1): [H, T, V]; both views. The
+        # dtypes are the caller's choice: autocast must not round the fp32 result.
+        if k.is_cuda and k.dtype in _HALF and max(k.shape[-1], v.shape[-1]) <= 256:
+            # The op's own state kernels: 16-bit products exact in fp32, fp32 accumulation.
+            from models.ops.triton_ops import kv_final_state
+
+            return kv_final_state(k, v)
+        with torch.autocast(k.device.type, enabled=False):
+            return torch.stack(
+                [
+                    _bmm_to(k[n].permute(1, 2, 0), v[n].transpose(0, 1), sd)
+                    for n in range(k.shape[0])
+                ]
+            )
+
+    @staticmethod
+    def backward(ctx, dm):
+        k, v = ctx.saved_tensors
+        N, T, H, K = k.shape
+        dm = dm.to(k.dtype)  # 16-bit inputs: tensor-core products, as the kernels' own dk, dv
+        dk = k.new_empty(N, H, T, K) if ctx.needs_input_grad[0] else None
+        dv = v.new_empty(N, H, T, v.shape[-1]) if ctx.needs_input_grad[1] else None
+        with torch.autocast(k.device.type, enabled=False):
+            for n in range(N):
+                _grads(n, k, v, dm, dk, dv)
+        return (
+            None if dk is None else dk.transpose(1, 2),
+            None if dv is None else dv.transpose(1, 2),
+        )
+
+
+def _grads(n, k, v, dm, dk, dv):
+    """Slice n's ``dk_t = v_t dM^T`` and ``dv_t = k_t dM`` into head-major dk, dv."""
+    if dk is not None:
+        torch.bmm(v[n].transpose(0, 1), dm[n].transpose(1, 2), out=dk[n])
+    if dv is not None:
+        torch.bmm(k[n].transpose(0, 1), dm[n], out=dv[n])
+
+
+def kv_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``M[n, h] = sum_t k[n, t, h]^T v[n, t, h]``: k ``[N, T, H, K]``, v ``[N, T, H, V]`` (same
+    dtype) -> ``[N, H, K, V]`` fp32 (fp64 for fp64 inputs). Gradients flow to k and v in their
+    dtype, as ``[N, T, H, D]`` views of head-major storage."""
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.dtype != v.dtype:
+        raise ValueError(
+            f"kv_state: k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must be "
+            "[N, T, H, K] and [N, T, H, V] of one dtype"
+        )
+    return _KvState.apply(k, v)

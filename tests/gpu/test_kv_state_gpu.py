@@ -1,0 +1,42 @@
+"""kv_state on a CUDA GPU (LASP-2's slice state): the Triton state kernels for 16-bit inputs and
+strided batched GEMMs for fp32, against an fp64 einsum, forward and backward, at a training
+shape (32K tokens, 16 heads, K = V = 128) and a ragged one. Run on the device machine:
+``PYTHONPATH=. python -m pytest -m gpu tests/gpu/test_kv_state_gpu.py -q``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel.kv_state import kv_state
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.timeout(300),
+]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,T,H,K,V", [(1, 32768, 16, 128, 128), (2, 1000, 3, 96, 40)])
+def test_kv_state_matches_fp64(dtype, N, T, H, K, V):
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    k = torch.randn(N, T, H, K, device="cuda", generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(N, T, H, V, device="cuda", generator=gen).to(dtype).requires_grad_()
+    m = kv_state(k, v)
+    kd, vd = (x.detach().double().requires_grad_() for x in (k, v))
+    ref = torch.einsum("nthk,nthv->nhkv", kd, vd)
+    dm = torch.randn(ref.shape, device="cuda", generator=gen, dtype=torch.float64)
+    dk, dv = torch.autograd.grad(m, (k, v), dm.float())
+    dk_r, dv_r = torch.autograd.grad(ref, (kd, vd), dm)
+    errs = {"m": _rel(m, ref), "dk": _rel(dk, dk_r), "dv": _rel(dv, dv_r)}
+    print(dtype, (N, T, H, K, V), {n: f"{e:.1e}" for n, e in errs.items()})
+    assert m.dtype == torch.float32 and dk.dtype == dtype and dk.shape == k.shape
+    # 16-bit: exact products, fp32 sums (Triton); fp32: the GEMM's (possibly tf32) products
+    assert errs["m"] < (1e-5 if dtype != torch.float32 else 2e-3)
+    assert errs["dk"] < 1e-2 and errs["dv"] < 1e-2
