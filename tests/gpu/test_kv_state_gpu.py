@@ -1,6 +1,6 @@
-"""kv_state on a CUDA GPU (LASP-2's slice state): the Triton state kernels for 16-bit inputs and
-strided batched GEMMs for fp32, against an fp64 einsum, forward and backward, at a training
-shape (32K tokens, 16 heads, K = V = 128) and a ragged one. Run on the device machine:
+"""kv_state on a CUDA GPU (LASP-2's slice state, strided batched GEMMs with fp32 output for
+16-bit inputs) against an fp64 einsum, forward and backward, at a training shape (32K tokens,
+16 heads, K = V = 128) and a ragged one. Run on the device machine:
 ``PYTHONPATH=. python -m pytest -m gpu tests/gpu/test_kv_state_gpu.py -q``.
 """
 
@@ -37,6 +37,6 @@ def test_kv_state_matches_fp64(dtype, N, T, H, K, V):
     errs = {"m": _rel(m, ref), "dk": _rel(dk, dk_r), "dv": _rel(dv, dv_r)}
     print(dtype, (N, T, H, K, V), {n: f"{e:.1e}" for n, e in errs.items()})
     assert m.dtype == torch.float32 and dk.dtype == dtype and dk.shape == k.shape
-    # 16-bit: exact products, fp32 sums (Triton); fp32: the GEMM's (possibly tf32) products
+    # 16-bit: exact products, fp32 sums; fp32: the GEMM's (possibly tf32) products
     assert errs["m"] < (1e-5 if dtype != torch.float32 else 2e-3)
     assert errs["dk"] < 1e-2 and errs["dv"] < 1e-2

@@ -2,7 +2,7 @@
 
 TRITON_INTERPRET is read when a kernel is decorated, i.e. when models.ops.triton_ops is first
 imported; running here, in a subprocess, keeps that setting away from every other test.
-Usage: ``python tests/ops/_triton_worker.py nondelta|delta|kv_state``.
+Usage: ``python tests/ops/_triton_worker.py nondelta|delta``.
 """
 
 from __future__ import annotations
@@ -70,32 +70,10 @@ CASES = {
 }
 
 
-def kv_state_errors() -> dict:
-    """kv_final_state (the forward's state kernels alone) against an fp64 einsum."""
-    import models.ops.triton_ops as mod
-
-    out = {}
-    for cid, B, T, H, K, V, gt in (
-        ("one_group", 2, 70, 2, 16, 24, None),
-        ("groups", 1, 300, 3, 24, 80, 64),
-    ):
-        os.environ["LINSCALE_KERNEL_GROUP_TOKENS"] = str(gt or "")
-        gen = torch.Generator().manual_seed(T)
-        k, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V, generator=gen)
-        ref = torch.einsum("bthk,bthv->bhkv", k.double(), v.double())
-        m = mod.kv_final_state(k, v)
-        out[cid] = {"m": ((m.double() - ref).norm() / ref.norm()).item(), "dtype": str(m.dtype)}
-    return out
-
-
 def main(family: str) -> None:
     from _cases import check_against_naive, make_inputs
 
     import models.ops.triton_ops as mod
-
-    if family == "kv_state":
-        print("RESULT " + json.dumps(kv_state_errors()))
-        return
 
     out = {}
     for cid, variant, B, T, H, K, V, n_docs, gt, with_state in CASES[family]:

@@ -6,9 +6,9 @@ Importing this package decorates the kernels, which is when ``TRITON_INTERPRET``
 from __future__ import annotations
 
 from models.ops.triton_ops.delta import chunk_gated_delta_rule
-from models.ops.triton_ops.nondelta import kv_final_state, nondelta_attn
+from models.ops.triton_ops.nondelta import nondelta_attn
 
-__all__ = ["chunk_linear_attn", "chunk_gla", "chunk_gated_delta_rule", "kv_final_state"]
+__all__ = ["chunk_linear_attn", "chunk_gla", "chunk_gated_delta_rule"]
 
 
 def chunk_linear_attn(

@@ -17,7 +17,7 @@ from models.ops.triton_ops import nondelta_kernels as kern
 from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
 from models.ops.triton_ops.gla_intra import gla_cumulative_gate, gla_intra_grads, gla_scores
 
-__all__ = ["nondelta_attn", "kv_final_state"]
+__all__ = ["nondelta_attn"]
 
 
 def _p2(x: int) -> int:
@@ -333,59 +333,3 @@ def nondelta_attn(
     return _NonDelta.apply(
         q, k, v, g, initial_state, float(scale), cu_seqlens, gate, bool(output_final_state)
     )
-
-
-def kv_final_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sum_t k_t^T v_t`` per sequence and head, from zero (no decay): k ``[B, T, H, K]``, v
-    ``[B, T, H, V]`` -> ``[B, H, K, V]`` fp32. The forward's local-state and group-scan kernels
-    without the output pass; they read k and v in place. No autograd (see parallel/kv_state.py).
-    16-bit inputs multiply exactly with fp32 accumulation; fp32 inputs go through tf32 on GPU."""
-    check_inputs(k, k, v, None, None)
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    _, _, bk, bv = _config(K, V)
-    nk, nv = triton.cdiv(K, bk), triton.cdiv(V, bv)
-    grp = make_groups(B, T, None, chunk=_BT, programs_per_group=H * nv, device=k.device)
-    G = grp.n_groups
-    kk, vv = (x.contiguous().view(B * T, H, -1) for x in (k, v))
-    f32 = dict(device=k.device, dtype=torch.float32)
-    m, hs = torch.empty(G, H, K, V, **f32), torch.empty(G, H, K, V, **f32)
-    dl = torch.empty(G, H, **f32)
-    ht = torch.empty(B, H, K, V, **f32)
-    kern.local_state_kernel[(nk * nv, G, H)](
-        kk,
-        vv,
-        kk,
-        m,
-        dl,
-        grp.bos,
-        grp.eos,
-        1.0,
-        H=H,
-        K=K,
-        V=V,
-        BT=_BT,
-        BK=bk,
-        BV=bv,
-        GATE=0,
-        REVERSE=False,
-        **_launch_opts(k.dtype, bk * bv),
-    )
-    kern.group_scan_kernel[(nk * nv, B, H)](
-        m,
-        dl,
-        m,
-        hs,
-        ht,
-        grp.seq_g0,
-        H=H,
-        K=K,
-        V=V,
-        BK=bk,
-        BV=bv,
-        GATE=0,
-        REVERSE=False,
-        HAS_H0=False,
-        STORE_FINAL=True,
-    )
-    return ht
