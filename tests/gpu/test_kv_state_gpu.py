@@ -37,6 +37,7 @@ def test_kv_state_matches_fp64(dtype, N, T, H, K, V):
     errs = {"m": _rel(m, ref), "dk": _rel(dk, dk_r), "dv": _rel(dv, dv_r)}
     print(dtype, (N, T, H, K, V), {n: f"{e:.1e}" for n, e in errs.items()})
     assert m.dtype == torch.float32 and dk.dtype == dtype and dk.shape == k.shape
-    # 16-bit: exact products, fp32 sums; fp32: the GEMM's (possibly tf32) products
-    assert errs["m"] < (1e-5 if dtype != torch.float32 else 2e-3)
+    # 16-bit: exact products, fp32 sums (cuBLAS: 3.8e-5 at 32K tokens on an H100, where the
+    # einsum this replaced rounded M to bf16, ~2e-3); fp32: the GEMM's (possibly tf32) products
+    assert errs["m"] < (1e-4 if dtype != torch.float32 else 2e-3)
     assert errs["dk"] < 1e-2 and errs["dv"] < 1e-2
