@@ -69,14 +69,17 @@ def configs(
     per_gpu: int,
     only: set[str] | None,
     hybrid_layouts: tuple[str, ...] = ("contiguous", "zigzag"),
+    buckets: tuple[int, ...] = (25,),
+    impls: tuple[str, ...] = ("lasp2", "lasp1"),
 ) -> list[dict]:
-    """Every configuration to run, in order (weak, then strong; linear, then hybrid)."""
+    """Every configuration to run, in order (weak, then strong; linear, then hybrid); every SP
+    row once per DDP bucket size in ``buckets`` (the first is the headline's)."""
     total = 4 * per_gpu
     sps = [s for s in (1, 2, 4) if s <= world]
     out = []
     for model in ("linear", "hybrid"):
-        impls = (
-            [("lasp2", "contiguous"), ("lasp1", "contiguous")]
+        pairs = (
+            [(i, "contiguous") for i in impls]
             if model == "linear"
             else [("lasp2", layout) for layout in hybrid_layouts]
         )
@@ -85,17 +88,19 @@ def configs(
             if only and name not in only:
                 continue
             for sp in sps:
-                for impl, layout in impls if sp > 1 else [("none", "contiguous")]:
-                    out.append(
-                        {
-                            "group": name,
-                            "model": model,
-                            "sp": sp,
-                            "impl": impl,
-                            "layout": layout,
-                            "seq_len": tokens(sp),
-                        }
-                    )
+                for impl, layout in pairs if sp > 1 else [("none", "contiguous")]:
+                    for bucket in buckets if sp > 1 else buckets[:1]:
+                        out.append(
+                            {
+                                "group": name,
+                                "model": model,
+                                "sp": sp,
+                                "impl": impl,
+                                "layout": layout,
+                                "seq_len": tokens(sp),
+                                "bucket_mb": bucket,
+                            }
+                        )
     return out
 
 
@@ -206,8 +211,8 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     ddp = None
     if sp > 1 and args.grad_sync == "ddp":
-        # The trainer's DDP (SUM comm hook); 25 MB buckets as in the committed results.
-        ddp = apply_ddp(m, group, bucket_mb=25)
+        # The trainer's DDP (SUM comm hook), buckets of --bucket-mb.
+        ddp = apply_ddp(m, group, bucket_mb=cfg["bucket_mb"])
     common = {"group": group, "device": device, "autocast": device.type == "cuda", "ddp": ddp}
     real = time_steps(
         m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True, grad_comm=True, **common
@@ -263,7 +268,7 @@ def print_row(r: dict) -> None:
         f"{r['tokens_per_s']:9.0f} tok/s ({r['tokens_per_s_per_gpu']:7.0f}/GPU)  "
         f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
         f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
-        f"imbalance {r['imbalance']:.3f}",
+        f"imbalance {r['imbalance']:.3f}  bucket {r.get('bucket_mb', '-')} MB",
         flush=True,
     )
 
@@ -272,6 +277,15 @@ def headline(rows: list[dict]) -> dict:
     """Weak-scaling efficiency, LASP-2 / LASP-1 speed and worst exposed communication."""
     ok = [r for r in rows if "error" not in r]
     out: dict = {}
+    # Extra bucket sizes get their own efficiency entries; the rest uses the first size.
+    first = ok[0].get("bucket_mb") if ok else None
+    for r in ok:
+        b = r.get("bucket_mb", first)
+        base = next((x for x in ok if x["group"] == r["group"] and x["sp"] == 1), None)
+        if b != first and base and r["impl"] == "lasp2":
+            key = f"weak_eff_{r['model']}_sp{r['sp']}_{r['layout']}_bucket{b}"
+            out[key] = r["mfu"] / base["mfu"]
+    ok = [r for r in ok if r.get("bucket_mb", first) == first]
     for model in ("linear", "hybrid"):
         weak = {
             (r["sp"], r["layout"]): r
@@ -345,6 +359,14 @@ def main() -> None:
         default="contiguous,zigzag",
         help="layouts of the hybrid groups' SP rows, e.g. zigzag",
     )
+    p.add_argument(
+        "--bucket-mb",
+        default="25",
+        help="DDP bucket size(s) in MB, e.g. 25,100,8000 (each SP row once per size; the "
+        "first feeds the headline; a size over the model's gradients is one all-reduce at the "
+        "end of the backward)",
+    )
+    p.add_argument("--impls", default="lasp2,lasp1", help="linear groups' SP impls")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=729.0)
@@ -400,7 +422,16 @@ def main() -> None:
         raise SystemExit(
             f"--hybrid-layouts takes contiguous and/or zigzag, got {args.hybrid_layouts!r}"
         )
-    for cfg in configs(world, per_gpu, only, layouts):
+    try:
+        buckets = tuple(int(b) for b in args.bucket_mb.split(","))
+    except ValueError:
+        buckets = ()
+    impls = tuple(x for x in args.impls.split(",") if x)
+    if not buckets or min(buckets) < 1:
+        raise SystemExit(f"--bucket-mb takes positive integers, got {args.bucket_mb!r}")
+    if not impls or set(impls) - {"lasp2", "lasp1"}:
+        raise SystemExit(f"--impls takes lasp2 and/or lasp1, got {args.impls!r}")
+    for cfg in configs(world, per_gpu, only, layouts, buckets, impls):
         if built is None or built[0] != cfg["model"]:
             built = None
             gc.collect()
