@@ -320,6 +320,7 @@ def headline(rows: list[dict]) -> dict:
 def markdown_table(path: str) -> str:
     """The README table of a results JSON (``--table``; no GPUs or torchrun needed)."""
     data = json.loads(Path(path).read_text())
+    buckets = len({r.get("bucket_mb") for r in data["rows"]})
     lines = [
         f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
         f"{data['meta']['date'][:10]}",
@@ -335,8 +336,9 @@ def markdown_table(path: str) -> str:
                 f"{r['seq_len'] // K}K | {r['error'][:40]} |||||||"
             )
             continue
+        impl = r["impl"] + (f" ({r['bucket_mb']} MB)" if buckets > 1 and r["sp"] > 1 else "")
         lines.append(
-            f"| {r['group']} | {r['sp']} | {r['impl']} | {r['layout']} | {r['seq_len'] // K}K | "
+            f"| {r['group']} | {r['sp']} | {impl} | {r['layout']} | {r['seq_len'] // K}K | "
             f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.3f} | "
             f"{r['peak_mem_gb']:.1f} | {r['exposed_sp_comm_pct']:.2f} | {r['imbalance']:.3f} |"
         )
