@@ -18,10 +18,6 @@ __all__ = ["kv_state"]
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _bmm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` batched, result in ``dtype``: 16-bit inputs on tensor cores with fp32
     accumulation and fp32 output on CUDA (upcast on CPU, which has no such kernel)."""
@@ -34,15 +30,14 @@ def _bmm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 class _KvState(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v):
+    def forward(ctx, k, v, out_dtype):
         ctx.save_for_backward(k, v)
-        sd = _state_dtype(k)
         # k[n].permute(1, 2, 0): [H, K, T]; v[n].transpose(0, 1): [H, T, V]; both views. The
         # dtypes are the caller's choice: autocast must not round the fp32 result.
         with torch.autocast(k.device.type, enabled=False):
             return torch.stack(
                 [
-                    _bmm_to(k[n].permute(1, 2, 0), v[n].transpose(0, 1), sd)
+                    _bmm_to(k[n].permute(1, 2, 0), v[n].transpose(0, 1), out_dtype)
                     for n in range(k.shape[0])
                 ]
             )
@@ -60,6 +55,7 @@ class _KvState(torch.autograd.Function):
         return (
             None if dk is None else dk.transpose(1, 2),
             None if dv is None else dv.transpose(1, 2),
+            None,
         )
 
 
@@ -71,13 +67,13 @@ def _grads(n, k, v, dm, dk, dv):
         torch.bmm(k[n].transpose(0, 1), dm[n], out=dv[n])
 
 
-def kv_state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def kv_state(k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``M[n, h] = sum_t k[n, t, h]^T v[n, t, h]``: k ``[N, T, H, K]``, v ``[N, T, H, V]`` (same
-    dtype) -> ``[N, H, K, V]`` fp32 (fp64 for fp64 inputs). Gradients flow to k and v in their
-    dtype, as ``[N, T, H, D]`` views of head-major storage."""
+    dtype) -> ``[N, H, K, V]`` in ``out_dtype`` (LASP-2's state dtype: fp32, fp64 for fp64).
+    Gradients flow to k and v in their dtype, as ``[N, T, H, D]`` views of head-major storage."""
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.dtype != v.dtype:
         raise ValueError(
             f"kv_state: k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must be "
             "[N, T, H, K] and [N, T, H, V] of one dtype"
         )
-    return _KvState.apply(k, v)
+    return _KvState.apply(k, v, out_dtype)

@@ -257,13 +257,13 @@ def affine_pieces(kind: str, q, k, v, gate, *, scale: float, with_q: bool = True
     sd, cd = state_dtype(q), compute_dtype(q)
     k, v = k.to(cd), v.to(cd)
     if kind == "none":
-        return None, kv_state(k, v), (q.to(cd) * scale if with_q else None)
+        return None, kv_state(k, v, sd), (q.to(cd) * scale if with_q else None)
     gc = gate.to(sd).cumsum(1)
     gT = gc[:, -1]
     to_end, from_start = (gT[:, None] - gc).exp(), gc.exp() * scale
     if kind == "scalar":
         to_end, from_start = to_end[..., None], from_start[..., None]
-    M = kv_state((k * to_end).to(cd), v)
+    M = kv_state((k * to_end).to(cd), v, sd)
     return gT.exp(), M, ((q * from_start).to(cd) if with_q else None)
 
 

@@ -18,6 +18,10 @@ pytestmark = [
 ]
 
 
+def _out(k):
+    return torch.float64 if k.dtype == torch.float64 else torch.float32
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -28,7 +32,7 @@ def test_kv_state_matches_fp64(dtype, N, T, H, K, V):
     gen = torch.Generator(device="cuda").manual_seed(T)
     k = torch.randn(N, T, H, K, device="cuda", generator=gen).to(dtype).requires_grad_()
     v = torch.randn(N, T, H, V, device="cuda", generator=gen).to(dtype).requires_grad_()
-    m = kv_state(k, v)
+    m = kv_state(k, v, _out(k))
     kd, vd = (x.detach().double().requires_grad_() for x in (k, v))
     ref = torch.einsum("nthk,nthv->nhkv", kd, vd)
     dm = torch.randn(ref.shape, device="cuda", generator=gen, dtype=torch.float64)
