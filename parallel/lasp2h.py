@@ -59,6 +59,11 @@ def _fold_heads(dx: torch.Tensor, rep: int) -> torch.Tensor:
     return dx if rep == 1 else dx.unflatten(2, (-1, rep)).sum(3)
 
 
+def _heads(q, k, v, rep: int):
+    """Head-major views ``[B, H, T, D]`` of q, k, v for aten's kernels (K/V repeated for GQA)."""
+    return q.transpose(1, 2), _repeat_kv(k, rep).transpose(1, 2), _repeat_kv(v, rep).transpose(1, 2)
+
+
 def attention_block_forward(q, k, v, *, causal: bool, scale: float):
     """One block of attention with its LSE.
 
@@ -67,39 +72,21 @@ def attention_block_forward(q, k, v, *, causal: bool, scale: float):
     and what the backward of the flash or cuDNN kernel needs from its forward (None for math).
     """
     rep = q.shape[2] // k.shape[2]
-    if _backend(q) == "flash" and not q.is_cuda:
+    backend = _backend(q)
+    if backend == "flash" and not q.is_cuda:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            0.0,
-            causal,
-            scale=scale,
+            *_heads(q, k, v, rep), 0.0, causal, scale=scale
         )
         return o.transpose(1, 2), lse, None
-    if _backend(q) == "cudnn":
+    if backend == "cudnn":
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            None,
-            True,
-            0.0,
-            causal,
-            False,
-            scale=scale,
+            *_heads(q, k, v, rep), None, True, 0.0, causal, False, scale=scale
         )
         # lse comes as [B, H, Tq, 1]; (cum_seq_q, cum_seq_k, max_q, max_k, philox seed/offset)
         return out[0].transpose(1, 2), out[1].squeeze(-1).float(), tuple(out[2:8])
-    if _backend(q) == "flash":
+    if backend == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            0.0,
-            causal,
-            False,
-            scale=scale,
+            *_heads(q, k, v, rep), 0.0, causal, False, scale=scale
         )
         # (cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused), passed back verbatim.
         return out[0].transpose(1, 2), out[1].float(), tuple(out[2:8])
@@ -123,63 +110,51 @@ def attention_block_backward(do, q, k, v, o, lse, aux, *, causal: bool, scale: f
     """
     rep = q.shape[2] // k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if _backend(q) == "flash" and not q.is_cuda:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do.to(q.dtype).transpose(1, 2),
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            o.to(q.dtype).transpose(1, 2),
-            lse.to(q.dtype if q.dtype == torch.float64 else torch.float32),
-            0.0,
-            causal,
-            scale=scale,
-        )
-        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
-        return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
-    if _backend(q) == "cudnn":
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
-        # do and o as the same transposed view of contiguous [B, Tq, Hq, D] tensors
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do.to(q.dtype).contiguous().transpose(1, 2),
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            o.to(q.dtype).contiguous().transpose(1, 2),
-            lse.float().unsqueeze(-1).contiguous(),
-            seed,
-            offset,
-            None,
-            cum_q,
-            cum_k,
-            max_q,
-            max_k,
-            0.0,
-            causal,
-            scale=scale,
-        )
-        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
-        return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
-    if _backend(q) == "flash":
-        cum_q, cum_k, max_q, max_k, rng, unused = aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do.to(q.dtype).transpose(1, 2),
-            q.transpose(1, 2),
-            _repeat_kv(k, rep).transpose(1, 2),
-            _repeat_kv(v, rep).transpose(1, 2),
-            o.to(q.dtype).transpose(1, 2),
-            lse.contiguous(),
-            cum_q,
-            cum_k,
-            max_q,
-            max_k,
-            0.0,
-            causal,
-            rng,
-            unused,
-            scale=scale,
-        )
-        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in (dq, dk, dv))
+    backend = _backend(q)
+    if backend != "math":
+        # do and o as the same transposed view of contiguous [B, Tq, Hq, D] tensors (cuDNN
+        # wants their strides equal)
+        doh, oh = (t.to(q.dtype).contiguous().transpose(1, 2) for t in (do, o))
+        if backend == "flash" and not q.is_cuda:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                doh, *_heads(q, k, v, rep), oh, lse.to(ct), 0.0, causal, scale=scale
+            )
+        elif backend == "cudnn":
+            cum_q, cum_k, max_q, max_k, seed, offset = aux
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                doh,
+                *_heads(q, k, v, rep),
+                oh,
+                lse.float().unsqueeze(-1).contiguous(),
+                seed,
+                offset,
+                None,
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                causal,
+                scale=scale,
+            )
+        else:
+            cum_q, cum_k, max_q, max_k, rng, unused = aux
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                doh,
+                *_heads(q, k, v, rep),
+                oh,
+                lse.contiguous(),
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                causal,
+                rng,
+                unused,
+                scale=scale,
+            )
+        dq, dk, dv = (t.transpose(1, 2).to(ct) for t in grads[:3])
         return dq, _fold_heads(dk, rep), _fold_heads(dv, rep)
     qh, doh, oh = (t.to(ct).transpose(1, 2) for t in (q, do, o))
     kh, vh = (_repeat_kv(t, rep).to(ct).transpose(1, 2) for t in (k, v))
