@@ -283,7 +283,8 @@ def headline(rows: list[dict]) -> dict:
         b = r.get("bucket_mb", first)
         base = next((x for x in ok if x["group"] == r["group"] and x["sp"] == 1), None)
         if b != first and base and r["impl"] == "lasp2":
-            key = f"weak_eff_{r['model']}_sp{r['sp']}_{r['layout']}_bucket{b}"
+            kind = r["group"].split("-")[0]  # weak or strong
+            key = f"{kind}_eff_{r['model']}_sp{r['sp']}_{r['layout']}_bucket{b}"
             out[key] = r["mfu"] / base["mfu"]
     ok = [r for r in ok if r.get("bucket_mb", first) == first]
     for model in ("linear", "hybrid"):
