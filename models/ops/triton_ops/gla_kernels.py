@@ -354,6 +354,39 @@ def _chunk_factors(
 
 
 @triton.jit
+def _slice_factors(
+    q_ptr,
+    k_ptr,
+    b_ptr,
+    bos,
+    eos,
+    t64,
+    mt,
+    h,
+    k0,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BKS: tl.constexpr,
+    DIAG_RANGE: tl.constexpr,
+):
+    """One ``BKS``-channel slice of a chunk for the factored product: q, k (fp32) and their
+    factors ``exp(b - r)``, ``exp(r - b)`` through the slice's mid gate r, ``[BT, BKS]`` each,
+    plus the slice's pointer offsets and mask. Padded rows hold q = k = 0; the clamps keep
+    their factors finite."""
+    offs_s = k0 + tl.arange(0, BKS)
+    ms = offs_s < K
+    r, _rng = _chunk_ref(b_ptr, bos, eos, h, H, K, offs_s, ms)
+    ptr = (t64[:, None] * H + h) * K + offs_s[None, :]
+    m = mt[:, None] & ms[None, :]
+    q = tl.load(q_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + ptr, mask=m, other=0.0)
+    eq = tl.exp(tl.minimum(b - r[None, :], DIAG_RANGE))
+    ek = tl.exp(tl.minimum(r[None, :] - b, DIAG_RANGE))
+    return q, k, eq, ek, ptr, m
+
+
+@triton.jit
 def gla_intra_fwd_v3_kernel(
     q_ptr,
     k_ptr,
@@ -378,18 +411,10 @@ def gla_intra_fwd_v3_kernel(
     if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         a = tl.zeros([BT, BT], tl.float32)
         for k0 in tl.static_range(0, BK, BKS):
-            offs_s = k0 + tl.arange(0, BKS)
-            ms = offs_s < K
-            r, _rng = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, ms)
-            ptr = (t64[:, None] * H + pid_h) * K + offs_s[None, :]
-            m = mt[:, None] & ms[None, :]
-            q = tl.load(q_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + ptr, mask=m, other=0.0)
-            # padded rows hold q = k = 0; the clamps keep their factors finite
-            qg = q * tl.exp(tl.minimum(b - r[None, :], DIAG_RANGE))
-            kg = k * tl.exp(tl.minimum(r[None, :] - b, DIAG_RANGE))
-            a += tl.dot(qg, tl.trans(kg), input_precision="tf32")
+            q, k, eq, ek, _ptr, _m = _slice_factors(
+                q_ptr, k_ptr, b_ptr, bos, eos, t64, mt, pid_h, k0, H, K, BKS, DIAG_RANGE
+            )
+            a += tl.dot(q * eq, tl.trans(k * ek), input_precision="tf32")
         a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
         tl.store(a_ptr + (t64[:, None] * H + pid_h) * BT + offs_t[None, :], a, mask=mt[:, None])
     else:
@@ -438,16 +463,9 @@ def gla_intra_bwd_v3_kernel(
             da += tl.dot(do, tl.trans(v))
         da = tl.where(offs_t[:, None] >= offs_t[None, :], da * scale, 0.0)  # [i, j]
         for k0 in tl.static_range(0, BK, BKS):
-            offs_s = k0 + tl.arange(0, BKS)
-            ms = offs_s < K
-            r, _rng = _chunk_ref(b_ptr, bos, eos, pid_h, H, K, offs_s, ms)
-            ptr = (t64[:, None] * H + pid_h) * K + offs_s[None, :]
-            m = mt[:, None] & ms[None, :]
-            q = tl.load(q_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + ptr, mask=m, other=0.0)
-            eq = tl.exp(tl.minimum(b - r[None, :], DIAG_RANGE))
-            ek = tl.exp(tl.minimum(r[None, :] - b, DIAG_RANGE))
+            q, k, eq, ek, ptr, m = _slice_factors(
+                q_ptr, k_ptr, b_ptr, bos, eos, t64, mt, pid_h, k0, H, K, BKS, DIAG_RANGE
+            )
             dq = eq * tl.dot(da, k * ek, input_precision="tf32")
             dk = ek * tl.dot(tl.trans(da), q * eq, input_precision="tf32")
             tl.store(dq_ptr + ptr, dq, mask=m)
