@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,9 +72,18 @@ def time_block(T: int, causal: bool, backend: str | None) -> dict:
 
 def merged_errors(backend: str, tq: int = 4096, device: str = "cuda") -> dict:
     """Relative errors of the LSE-merged diagonal + past blocks against fp32 attention."""
-    import os
-
+    before = os.environ.get("LINSCALE_LASP2H_BACKEND")
     os.environ["LINSCALE_LASP2H_BACKEND"] = backend
+    try:
+        return _merged_errors(tq, device)
+    finally:
+        if before is None:
+            del os.environ["LINSCALE_LASP2H_BACKEND"]
+        else:
+            os.environ["LINSCALE_LASP2H_BACKEND"] = before
+
+
+def _merged_errors(tq: int, device: str) -> dict:
     gen = torch.Generator(device=device).manual_seed(1)
 
     def rn(t):
@@ -102,7 +112,6 @@ def merged_errors(backend: str, tq: int = 4096, device: str = "cuda") -> dict:
         torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vr.transpose(1, 2)
     ).transpose(1, 2)
     ref = (ref_o, *torch.autograd.grad(ref_o, (qr, kr, vr), do.float()))
-    del os.environ["LINSCALE_LASP2H_BACKEND"]
     return {
         n: ((a.float() - b).norm() / b.norm()).item()
         for n, a, b in zip(("o", "dq", "dk", "dv"), got, ref)
