@@ -88,6 +88,11 @@ class ParallelConfig:
     """Virtual stages per rank (2 for the interleaved and V schedules)."""
     fsdp: bool = False
     """Shard parameters and optimizer state over the data-parallel axis with FSDP2."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype in which gradients are summed over dp x sp (DDP, the all-reduce after the
+    backward, FSDP's reduce-scatter): fp32 (exact to fp32 rounding: parallel runs match one
+    device), or bf16 (half the bytes; each rank's gradient is rounded to bf16 before the sum,
+    which is also done in bf16, then kept in fp32 for the optimizer)."""
     activation_checkpointing: Literal["none", "full", "partial"] = "none"
     """Recompute blocks in the backward instead of keeping their activations: every block
     (full) or one in checkpoint_every (partial: memory and recompute both scale down)."""

@@ -35,7 +35,7 @@ from launch.metrics import (
     peak_memory_gb,
 )
 from models.llama import LinearLlama
-from parallel.data_parallel import allreduce_gradients, clip_grad_norm_
+from parallel.data_parallel import allreduce_gradients, clip_grad_norm_, reduce_dtype_of
 from parallel.ddp import apply_ddp
 from parallel.parallelize import parallelize_model
 
@@ -126,6 +126,7 @@ class Trainer:
         self.num_params = sum(q.numel() for q in model.parameters())
         self.pipeline = None
         self._ddp = None
+        self._reduce_dtype = reduce_dtype_of(p.grad_reduce_dtype)
         if self.dims.pp_enabled:
             from parallel.pipeline import build_pipeline
 
@@ -142,11 +143,14 @@ class Trainer:
                 checkpoint_every=p.checkpoint_every,
                 lasp2_schedule=p.lasp2_schedule,
                 fsdp=p.fsdp,
+                grad_reduce_dtype=p.grad_reduce_dtype,
             )
             self.model_parts = [model]
             if self.dims.world_size > 1 and not p.fsdp and self.dims.dp * self.dims.sp > 1:
                 # Sum the replicas' gradients during the backward (bucketed, overlapped).
-                self._ddp = apply_ddp(model, self.dims.group("dp_sp"))
+                self._ddp = apply_ddp(
+                    model, self.dims.group("dp_sp"), reduce_dtype=self._reduce_dtype
+                )
         self.params = [q for m in self.model_parts for q in m.parameters()]
         self.optimizer = build_optimizer(self.params, cfg, fused=self.device_type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -267,7 +271,7 @@ class Trainer:
         if self.pipeline is not None:  # tied embedding: first and last stage hold a copy each
             self.pipeline.sync_tied_gradients()
         if not self.cfg.parallel.fsdp and self._ddp is None:
-            allreduce_gradients(self.params, self._group("dp_sp"))
+            allreduce_gradients(self.params, self._group("dp_sp"), reduce_dtype=self._reduce_dtype)
         norm = clip_grad_norm_(
             self.params, t.grad_clip, pp_group=self._group("pp") if self.dims.pp_enabled else None
         )

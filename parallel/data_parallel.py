@@ -15,15 +15,38 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["allreduce_gradients", "apply_fsdp", "clip_grad_norm_", "exclude_from_grad_norm"]
+__all__ = [
+    "allreduce_gradients",
+    "apply_fsdp",
+    "clip_grad_norm_",
+    "exclude_from_grad_norm",
+    "reduce_dtype_of",
+]
 
 _NOT_IN_NORM = "_linscale_not_in_grad_norm"
+_REDUCE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def reduce_dtype_of(name: str) -> torch.dtype | None:
+    """``parallel.grad_reduce_dtype`` as a dtype: None for fp32 (no cast), bf16 for bf16."""
+    if name not in _REDUCE_DTYPES:
+        raise ValueError(
+            f"parallel.grad_reduce_dtype: {name!r} is not one of {sorted(_REDUCE_DTYPES)}"
+        )
+    return _REDUCE_DTYPES[name]
 
 
 def allreduce_gradients(
-    params: list[nn.Parameter], group: dist.ProcessGroup | None, *, bucket_mb: float = 64.0
+    params: list[nn.Parameter],
+    group: dist.ProcessGroup | None,
+    *,
+    bucket_mb: float = 64.0,
+    reduce_dtype: torch.dtype | None = None,
 ) -> None:
-    """Sum ``p.grad`` over ``group`` in flat buckets (a parameter without grad gets zeros)."""
+    """Sum ``p.grad`` over ``group`` in flat buckets (a parameter without grad gets zeros).
+
+    ``reduce_dtype`` (e.g. bf16): each bucket travels and is summed in that dtype (half the
+    bytes of fp32), then is copied back into the fp32 gradients."""
     if group is None or dist.get_world_size(group) == 1:
         return
     grads = []
@@ -39,6 +62,8 @@ def allreduce_gradients(
         if not bucket:
             return
         flat = _flatten_dense_tensors(bucket)
+        if reduce_dtype is not None and reduce_dtype != flat.dtype:
+            flat = flat.to(reduce_dtype)
         dist.all_reduce(flat, group=group)
         for g, r in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(r)
@@ -53,7 +78,13 @@ def allreduce_gradients(
     flush()
 
 
-def apply_fsdp(model: nn.Module, dims, *, reshard_after_forward: bool | None = None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    dims,
+    *,
+    reshard_after_forward: bool | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Shard ``model`` (a LinearLlama or a pipeline stage of one) with FSDP2 over ``dp_sp``.
 
     Each block in ``model.layers`` is its own FSDP unit, the rest (embedding, norm, head) the
@@ -64,17 +95,19 @@ def apply_fsdp(model: nn.Module, dims, *, reshard_after_forward: bool | None = N
         dims: a :class:`dist.parallel_dims.ParallelDims` with its mesh built.
         reshard_after_forward: free the gathered blocks after forward; default: yes without
             PP, no with PP (each microbatch would gather them again).
+        reduce_dtype: dtype of the gradient reduce-scatter (None: the parameters' fp32).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = dims.submesh("dp_sp")
     if reshard_after_forward is None:
         reshard_after_forward = not dims.pp_enabled
+    mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     # The root keeps its parameters (embedding, norm, head) gathered from forward to backward:
     # the loss uses the head weight after the forward returns.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

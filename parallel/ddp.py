@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["apply_ddp", "sum_allreduce_hook"]
+__all__ = ["apply_ddp", "bf16_sum_allreduce_hook", "sum_allreduce_hook"]
 
 
 def sum_allreduce_hook(
@@ -25,11 +25,35 @@ def sum_allreduce_hook(
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def bf16_sum_allreduce_hook(
+    group: dist.ProcessGroup, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """The same SUM with the bucket sent and summed in bf16 (half the bytes of fp32), then
+    copied back into the bucket's own dtype."""
+    buf = bucket.buffer()
+    half = buf.to(torch.bfloat16)
+    work = dist.all_reduce(half, group=group, async_op=True)
+
+    def back(fut):
+        return buf.copy_(fut.value()[0])
+
+    return work.get_future().then(back)
+
+
 def apply_ddp(
-    model: nn.Module, group: dist.ProcessGroup, *, bucket_mb: int = 100
+    model: nn.Module,
+    group: dist.ProcessGroup,
+    *,
+    bucket_mb: int = 100,
+    reduce_dtype: torch.dtype | None = None,
 ) -> DistributedDataParallel:
     """Wrap ``model`` for gradient summation over ``group``; ``model`` itself is unchanged
-    (checkpoints and the loss keep using it directly)."""
+    (checkpoints and the loss keep using it directly). ``reduce_dtype``: None (the gradients'
+    own dtype) or ``torch.bfloat16``."""
+    if reduce_dtype not in (None, torch.bfloat16):
+        raise ValueError(
+            f"apply_ddp: reduce_dtype must be None or torch.bfloat16, not {reduce_dtype}"
+        )
     device_ids = None
     p = next(model.parameters())
     if p.is_cuda:
@@ -42,5 +66,6 @@ def apply_ddp(
         gradient_as_bucket_view=True,
         init_sync=False,
     )
-    ddp.register_comm_hook(group, sum_allreduce_hook)
+    hook = sum_allreduce_hook if reduce_dtype is None else bf16_sum_allreduce_hook
+    ddp.register_comm_hook(group, hook)
     return ddp

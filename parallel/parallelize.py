@@ -22,8 +22,10 @@ def parallelize_model(
     checkpoint_every: int = 2,
     lasp2_schedule: str = "overlap",
     fsdp: bool = False,
+    grad_reduce_dtype: str = "fp32",
 ) -> nn.Module:
-    """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place."""
+    """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place.
+    ``grad_reduce_dtype`` (fp32 | bf16) is FSDP's reduce-scatter dtype."""
     if dims.sp_enabled:
         from parallel.sequence_parallel import apply_sequence_parallel
 
@@ -32,7 +34,7 @@ def parallelize_model(
         )
     apply_activation_checkpointing(model, mode=activation_checkpointing, every=checkpoint_every)
     if fsdp and dims.world_size > 1:
-        from parallel.data_parallel import apply_fsdp
+        from parallel.data_parallel import apply_fsdp, reduce_dtype_of
 
-        apply_fsdp(model, dims)
+        apply_fsdp(model, dims, reduce_dtype=reduce_dtype_of(grad_reduce_dtype))
     return model

@@ -244,7 +244,11 @@ def build_pipeline(
             "once per parameter group (several times per microbatch)",
             p.pp_schedule,
         )
-    extra = {"checkpoint_every": p.checkpoint_every, "lasp2_schedule": p.lasp2_schedule}
+    extra = {
+        "checkpoint_every": p.checkpoint_every,
+        "lasp2_schedule": p.lasp2_schedule,
+        "grad_reduce_dtype": p.grad_reduce_dtype,
+    }
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
         build_stage_module(
