@@ -142,8 +142,8 @@ def main() -> None:
     ap.add_argument(
         "--env-variants",
         default="",
-        help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4': extra rows of ours (linear, "
-        "scalar and gla at the first shape) under that environment setting",
+        help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4;b:A=1,B=2': extra rows of ours (those "
+        "of --ops among linear, scalar and gla, at the first shape) under these settings",
     )
     ap.add_argument(
         "--profile",
@@ -178,10 +178,11 @@ def main() -> None:
             record(r)
         os.environ.pop("LINSCALE_KERNEL_GROUP_TOKENS")
     for var in filter(None, args.env_variants.split(";")):
-        tag, setting = var.split(":", 1)
-        name, val = setting.split("=", 1)
-        os.environ[name] = val
-        for op in ("linear", "scalar", "gla"):
+        tag, settings = var.split(":", 1)
+        pairs = [s.split("=", 1) for s in settings.split(",")]
+        for name, val in pairs:
+            os.environ[name] = val
+        for op in [o for o in args.ops.split(",") if o in ("linear", "scalar", "gla")]:
             B, T = shapes[0]
             try:
                 r = bench(op, B, T)
@@ -189,7 +190,8 @@ def main() -> None:
                 r = {"op": op, "B": B, "T": T, "error": f"{type(exc).__name__}: {exc}"[:300]}
             r["op"] = f"{op}@{tag}"
             record(r)
-        os.environ.pop(name)
+        for name, _ in pairs:
+            os.environ.pop(name)
     if args.profile:
         profile(
             args.profile, [o for o in args.ops.split(",") if not o.startswith("fla")], *shapes[0]

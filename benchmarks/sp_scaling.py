@@ -53,7 +53,7 @@ from models.llama import LinearLlama  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 from parallel._sp_comm import no_comm  # noqa: E402
 from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
-from parallel.data_parallel import allreduce_gradients  # noqa: E402
+from parallel.data_parallel import allreduce_gradients, reduce_dtype_of  # noqa: E402
 from parallel.ddp import apply_ddp  # noqa: E402
 from parallel.sequence_parallel import (  # noqa: E402
     apply_sequence_parallel,
@@ -71,9 +71,11 @@ def configs(
     hybrid_layouts: tuple[str, ...] = ("contiguous", "zigzag"),
     buckets: tuple[int, ...] = (25,),
     impls: tuple[str, ...] = ("lasp2", "lasp1"),
+    grad_dtypes: tuple[str, ...] = ("fp32",),
 ) -> list[dict]:
     """Every configuration to run, in order (weak, then strong; linear, then hybrid); every SP
-    row once per DDP bucket size in ``buckets`` (the first is the headline's)."""
+    row once per DDP bucket size in ``buckets`` and gradient-sum dtype in ``grad_dtypes`` (the
+    first of each is the headline's)."""
     total = 4 * per_gpu
     sps = [s for s in (1, 2, 4) if s <= world]
     out = []
@@ -89,7 +91,12 @@ def configs(
                 continue
             for sp in sps:
                 for impl, layout in pairs if sp > 1 else [("none", "contiguous")]:
-                    for bucket in buckets if sp > 1 else buckets[:1]:
+                    variants = [
+                        (b, d)
+                        for b in (buckets if sp > 1 else buckets[:1])
+                        for d in (grad_dtypes if sp > 1 else grad_dtypes[:1])
+                    ]
+                    for bucket, grad_dtype in variants:
                         out.append(
                             {
                                 "group": name,
@@ -99,6 +106,7 @@ def configs(
                                 "layout": layout,
                                 "seq_len": tokens(sp),
                                 "bucket_mb": bucket,
+                                "grad_dtype": grad_dtype,
                             }
                         )
     return out
@@ -154,6 +162,7 @@ def time_steps(
     grad_comm: bool,
     autocast: bool,
     ddp=None,
+    grad_dtype: str = "fp32",
 ) -> list[float]:
     """Seconds per step on this rank (after ``warmup`` untimed steps).
 
@@ -162,6 +171,7 @@ def time_steps(
     """
     tokens, labels, pos, total = batch
     params = [p for p in m.parameters()]
+    reduce_dtype = reduce_dtype_of(grad_dtype)
     times = []
     for i in range(warmup + n):
         _sync(device)
@@ -176,7 +186,7 @@ def time_steps(
             loss = m.loss(hidden, labels) / total
             loss.backward()
         if grad_comm and group is not None and ddp is None:
-            allreduce_gradients(params, group)
+            allreduce_gradients(params, group, reduce_dtype=reduce_dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -212,8 +222,16 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
     ddp = None
     if sp > 1 and args.grad_sync == "ddp":
         # The trainer's DDP (SUM comm hook), buckets of --bucket-mb.
-        ddp = apply_ddp(m, group, bucket_mb=cfg["bucket_mb"])
-    common = {"group": group, "device": device, "autocast": device.type == "cuda", "ddp": ddp}
+        ddp = apply_ddp(
+            m, group, bucket_mb=cfg["bucket_mb"], reduce_dtype=reduce_dtype_of(cfg["grad_dtype"])
+        )
+    common = {
+        "group": group,
+        "device": device,
+        "autocast": device.type == "cuda",
+        "ddp": ddp,
+        "grad_dtype": cfg["grad_dtype"],
+    }
     real = time_steps(
         m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True, grad_comm=True, **common
     )
@@ -268,7 +286,8 @@ def print_row(r: dict) -> None:
         f"{r['tokens_per_s']:9.0f} tok/s ({r['tokens_per_s_per_gpu']:7.0f}/GPU)  "
         f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
         f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
-        f"imbalance {r['imbalance']:.3f}  bucket {r.get('bucket_mb', '-')} MB",
+        f"imbalance {r['imbalance']:.3f}  bucket {r.get('bucket_mb', '-')} MB "
+        f"grads {r.get('grad_dtype', 'fp32')}",
         flush=True,
     )
 
@@ -277,16 +296,23 @@ def headline(rows: list[dict]) -> dict:
     """Weak-scaling efficiency, LASP-2 / LASP-1 speed and worst exposed communication."""
     ok = [r for r in rows if "error" not in r]
     out: dict = {}
-    # Extra bucket sizes get their own efficiency entries; the rest uses the first size.
-    first = ok[0].get("bucket_mb") if ok else None
+    # Extra bucket sizes and gradient dtypes get their own efficiency entries; the rest uses
+    # the first of each.
+    first_b = ok[0].get("bucket_mb") if ok else None
+    first_d = ok[0].get("grad_dtype", "fp32") if ok else None
     for r in ok:
-        b = r.get("bucket_mb", first)
+        b, d = r.get("bucket_mb", first_b), r.get("grad_dtype", "fp32")
         base = next((x for x in ok if x["group"] == r["group"] and x["sp"] == 1), None)
-        if b != first and base and r["impl"] == "lasp2":
+        if (b, d) != (first_b, first_d) and base and r["impl"] == "lasp2":
             kind = r["group"].split("-")[0]  # weak or strong
-            key = f"{kind}_eff_{r['model']}_sp{r['sp']}_{r['layout']}_bucket{b}"
+            key = f"{kind}_eff_{r['model']}_sp{r['sp']}_{r['layout']}"
+            key += (f"_bucket{b}" if b != first_b else "") + (f"_{d}" if d != first_d else "")
             out[key] = r["mfu"] / base["mfu"]
-    ok = [r for r in ok if r.get("bucket_mb", first) == first]
+    ok = [
+        r
+        for r in ok
+        if (r.get("bucket_mb", first_b), r.get("grad_dtype", "fp32")) == (first_b, first_d)
+    ]
     for model in ("linear", "hybrid"):
         weak = {
             (r["sp"], r["layout"]): r
@@ -322,6 +348,7 @@ def markdown_table(path: str) -> str:
     """The README table of a results JSON (``--table``; no GPUs or torchrun needed)."""
     data = json.loads(Path(path).read_text())
     buckets = len({r.get("bucket_mb") for r in data["rows"]})
+    dtypes = len({r.get("grad_dtype", "fp32") for r in data["rows"]})
     lines = [
         f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
         f"{data['meta']['date'][:10]}",
@@ -337,7 +364,12 @@ def markdown_table(path: str) -> str:
                 f"{r['seq_len'] // K}K | {r['error'][:40]} |||||||"
             )
             continue
-        impl = r["impl"] + (f" ({r['bucket_mb']} MB)" if buckets > 1 and r["sp"] > 1 else "")
+        tags = []
+        if buckets > 1 and r["sp"] > 1:
+            tags.append(f"{r['bucket_mb']} MB")
+        if dtypes > 1 and r["sp"] > 1:
+            tags.append(f"{r.get('grad_dtype', 'fp32')} grads")
+        impl = r["impl"] + (f" ({', '.join(tags)})" if tags else "")
         lines.append(
             f"| {r['group']} | {r['sp']} | {impl} | {r['layout']} | {r['seq_len'] // K}K | "
             f"{r['step_s'] * 1e3:.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.3f} | "
@@ -370,6 +402,12 @@ def main() -> None:
         "end of the backward)",
     )
     p.add_argument("--impls", default="lasp2,lasp1", help="linear groups' SP impls")
+    p.add_argument(
+        "--grad-dtypes",
+        default="fp32",
+        help="dtype(s) of the gradient sum over the SP group, fp32 and/or bf16 (each SP row "
+        "once per dtype; the first feeds the headline; bf16 = parallel.grad_reduce_dtype=bf16)",
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=729.0)
@@ -434,7 +472,10 @@ def main() -> None:
         raise SystemExit(f"--bucket-mb takes positive integers, got {args.bucket_mb!r}")
     if not impls or set(impls) - {"lasp2", "lasp1"}:
         raise SystemExit(f"--impls takes lasp2 and/or lasp1, got {args.impls!r}")
-    for cfg in configs(world, per_gpu, only, layouts, buckets, impls):
+    grad_dtypes = tuple(x for x in args.grad_dtypes.split(",") if x)
+    if not grad_dtypes or set(grad_dtypes) - {"fp32", "bf16"}:
+        raise SystemExit(f"--grad-dtypes takes fp32 and/or bf16, got {args.grad_dtypes!r}")
+    for cfg in configs(world, per_gpu, only, layouts, buckets, impls, grad_dtypes):
         if built is None or built[0] != cfg["model"]:
             built = None
             gc.collect()
