@@ -39,6 +39,11 @@ CASES = {
         # several chunks in each of several groups (ragged last chunk and group): states pass
         # between chunks inside a group and between groups
         ("scalar_multichunk_groups", "scalar", 1, 300, 1, 16, 16, None, 128, True),
+        # the scalar gate gradient's per-K-block partial sums and chunk-end tails: two K-blocks
+        # (K 96) of several chunks per group, documents; an empty document; no state in or out
+        ("scalar_k96_multichunk_varlen", "scalar", 1, 330, 1, 96, 16, [0, 270, 330], 128, True),
+        ("scalar_empty_doc", "scalar", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
+        ("scalar_no_state_groups", "scalar", 1, 200, 1, 16, 16, None, 64, False),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
