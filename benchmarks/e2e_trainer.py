@@ -129,7 +129,10 @@ def run_linscale(T: int, ac: str, steps: int, warmup: int, profile: Path | None)
     from launch.config import load_config
     from launch.trainer import Trainer
 
-    mode, _, every = ac.partition(":")
+    spec, plus, extra = ac.partition("+")
+    if plus and extra != "compile":
+        raise SystemExit(f"--ac: {ac!r}: the only suffix is +compile")
+    mode, _, every = spec.partition(":")
     cfg = load_config(
         None,
         [
@@ -142,6 +145,7 @@ def run_linscale(T: int, ac: str, steps: int, warmup: int, profile: Path | None)
             "logging.run_dir=/tmp/linscale_bench",
             f"parallel.activation_checkpointing={mode}",
             f"parallel.checkpoint_every={every or 2}",
+            f"training.compile={'true' if plus else 'false'}",
         ],
     )
     tr = Trainer(cfg)
@@ -155,7 +159,8 @@ def main() -> None:
     ap.add_argument(
         "--ac",
         default="full,partial:2,partial:4,none",
-        help="linscale checkpointing modes to try (partial:N = one block in N)",
+        help="linscale checkpointing modes to try (partial:N = one block in N; a +compile "
+        "suffix, e.g. full+compile, also sets training.compile)",
     )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -194,7 +199,11 @@ def main() -> None:
     for name, T, ac in jobs:
         gc.collect()
         torch.cuda.empty_cache()
-        tag = f"baseline_{T}" if name == "baseline" else f"linscale_{T}_{ac.replace(':', '')}"
+        tag = (
+            f"baseline_{T}"
+            if name == "baseline"
+            else f"linscale_{T}_{ac.replace(':', '').replace('+', '_')}"
+        )
         profile = Path(ns.profile) / f"{tag}.txt" if ns.profile else None
         try:
             r = (

@@ -126,6 +126,9 @@ class TrainingConfig:
     """Max global gradient norm (0 disables clipping)."""
     seed: int = 0
     """Seed for weights, data order and dropout-free randomness."""
+    compile: bool = False
+    """torch.compile every block (after checkpointing, before FSDP); the linear-attention
+    kernels and the SP collectives stay outside the compiled graphs."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

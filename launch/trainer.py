@@ -144,6 +144,7 @@ class Trainer:
                 lasp2_schedule=p.lasp2_schedule,
                 fsdp=p.fsdp,
                 grad_reduce_dtype=p.grad_reduce_dtype,
+                compile=t.compile,
             )
             self.model_parts = [model]
             if self.dims.world_size > 1 and not p.fsdp and self.dims.dp * self.dims.sp > 1:

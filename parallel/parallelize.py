@@ -1,7 +1,7 @@
 """Apply the parallelisms to a LinearLlama from outside, in a fixed order:
-sequence parallelism (swap the token-mixer hooks), activation checkpointing, then data
-parallelism (FSDP2 when asked for; otherwise replicated parameters whose gradients the trainer
-sums over ``dp_sp``)."""
+sequence parallelism (swap the token-mixer hooks), activation checkpointing, torch.compile of
+each block (when asked for), then data parallelism (FSDP2 when asked for; otherwise replicated
+parameters whose gradients the trainer sums over ``dp_sp``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def parallelize_model(
     lasp2_schedule: str = "overlap",
     fsdp: bool = False,
     grad_reduce_dtype: str = "fp32",
+    compile: bool = False,
 ) -> nn.Module:
     """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place.
     ``grad_reduce_dtype`` (fp32 | bf16) is FSDP's reduce-scatter dtype."""
@@ -33,6 +34,10 @@ def parallelize_model(
             model, group=dims.group("sp"), layout=layout, lasp2_schedule=lasp2_schedule
         )
     apply_activation_checkpointing(model, mode=activation_checkpointing, every=checkpoint_every)
+    if compile:
+        from parallel.compile import apply_compile
+
+        apply_compile(model)
     if fsdp and dims.world_size > 1:
         from parallel.data_parallel import apply_fsdp, reduce_dtype_of
 

@@ -248,6 +248,7 @@ def build_pipeline(
         "checkpoint_every": p.checkpoint_every,
         "lasp2_schedule": p.lasp2_schedule,
         "grad_reduce_dtype": p.grad_reduce_dtype,
+        "compile": cfg.training.compile,
     }
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
