@@ -79,3 +79,19 @@ def test_compile_with_sp_fsdp_checkpointing_on_four_ranks(tmp_path_factory):
         ["training.compile=true"],
         tmp_path_factory,
     )
+
+
+@pytest.mark.timeout(300)
+def test_compile_with_pipeline_on_four_ranks(tmp_path_factory):
+    """pp2 x dp2 under 1F1B with compiled, checkpointed stage blocks: the single-process
+    compiled run's losses, norms and parameters to rounding."""
+    run_case(
+        [
+            "parallel.pp=2",
+            "parallel.dp=2",
+            "parallel.pp_microbatches=2",
+            "parallel.activation_checkpointing=full",
+        ],
+        ["training.compile=true"],
+        tmp_path_factory,
+    )
