@@ -228,22 +228,22 @@ def build_pipeline(
 
     # torch's deferred weight pass runs one autograd.grad per parameter group, which replays
     # each checkpointed block once per group (measured 3-6x the forwards of 1F1B); one merged
-    # pass recomputes a block once (pipeline_weight_grad.py).
+    # pass recomputes a block once (pipeline_weight_grad.py) but re-runs the input path's
+    # backward, so it is used only when blocks are checkpointed.
     # LINSCALE_PP_TORCH_WEIGHT_PASS=1 keeps torch's own pass (for benchmarks/pipeline_recompute.py).
     zero_bubble = p.pp_schedule in ZERO_BUBBLE_SCHEDULES
-    merged = os.environ.get("LINSCALE_PP_TORCH_WEIGHT_PASS", "0") != "1"
-    if (
-        zero_bubble
-        and merged
-        and not install_merged_weight_pass()
-        and (p.activation_checkpointing != "none")
-    ):
-        get_logger().warning(
-            "parallel.pp_schedule %s with activation checkpointing: this torch's pipelining "
-            "has no hook for a merged weight pass, so each checkpointed block is recomputed "
-            "once per parameter group (several times per microbatch)",
-            p.pp_schedule,
+    if zero_bubble:
+        want_merged = (
+            p.activation_checkpointing != "none"
+            and os.environ.get("LINSCALE_PP_TORCH_WEIGHT_PASS", "0") != "1"
         )
+        if not install_merged_weight_pass(want_merged) and want_merged:
+            get_logger().warning(
+                "parallel.pp_schedule %s with activation checkpointing: this torch's pipelining "
+                "has no hook for a merged weight pass, so each checkpointed block is recomputed "
+                "once per parameter group (several times per microbatch)",
+                p.pp_schedule,
+            )
     extra = {
         "checkpoint_every": p.checkpoint_every,
         "lasp2_schedule": p.lasp2_schedule,
