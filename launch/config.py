@@ -92,7 +92,8 @@ class ParallelConfig:
     """dtype in which gradients are summed over dp x sp (DDP, the all-reduce after the
     backward, FSDP's reduce-scatter): fp32 (exact to fp32 rounding: parallel runs match one
     device), or bf16 (half the bytes; each rank's gradient is rounded to bf16 before the sum,
-    which is also done in bf16, then kept in fp32 for the optimizer)."""
+    which is also done in bf16, then kept in fp32 for the optimizer). The tied embedding's two
+    pipeline copies are always summed in fp32."""
     activation_checkpointing: Literal["none", "full", "partial"] = "none"
     """Recompute blocks in the backward instead of keeping their activations: every block
     (full) or one in checkpoint_every (partial: memory and recompute both scale down)."""
@@ -395,6 +396,13 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             f"parallel.pp_stages_per_rank = {p.pp * p.pp_stages_per_rank} (one layer per stage)"
         )
     _validate_pipeline(p)
+    if t.compile and p.pp > 1 and p.pp_schedule in ("InterleavedZeroBubble", "ZBVZeroBubble"):
+        raise ConfigError(
+            f"training.compile cannot run with parallel.pp_schedule {p.pp_schedule}: a compiled "
+            "block's backward is one graph, which the zero-bubble schedules' separate input- and "
+            "weight-gradient passes cannot split; use 1F1B, GPipe or Interleaved1F1B, or "
+            "training.compile=false"
+        )
     if world_size is not None:
         from dist.parallel_dims import ParallelDims
 

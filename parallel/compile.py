@@ -10,6 +10,8 @@ The token mixers' cores stay outside the compiled graphs: ``attn_op`` (our Trito
 LASP-2 / LASP-2H with their collectives once sequence parallelism has swapped them in) and a
 swapped ``conv_op`` (the halo exchange) are wrapped in ``torch.compiler.disable``, so each
 block compiles to the graphs before and after them. Apply sequence parallelism first.
+Zero-bubble pipeline schedules cannot run compiled blocks (their backward is one graph, which
+the split input / weight passes cannot divide): the config check refuses the combination.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["apply_compile"]
+from parallel.sequence_parallel import _ORIGINAL as _SP_ORIGINAL  # marks a swapped op
 
-_SP_ORIGINAL = "_sp_original_op"  # parallel.sequence_parallel's marker of a swapped op
+__all__ = ["apply_compile"]
 
 
 def _opaque(module: nn.Module, attr: str) -> None:

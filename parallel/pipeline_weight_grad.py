@@ -11,6 +11,9 @@ over every group's intermediates. Exactness: each intermediate's incoming gradie
 a pre-hook to the gradient saved in the input pass (as torch does within a group), and the
 groups partition the parameters at those intermediates, so a path from one group's intermediate
 into another group's parameters passes through a clamped intermediate and adds nothing twice.
+The price: the engine still runs the nodes along those paths (the input-gradient backward
+again), so the pipeline installs this pass only for checkpointed blocks and keeps torch's
+per-group pass otherwise (:func:`install_merged_weight_pass`).
 """
 
 from __future__ import annotations

@@ -57,6 +57,13 @@ def test_yaml_and_overrides(tmp_path):
         ("data:\n  source: megatron\n", "data.path"),
         ("offload:\n  optimizer: nvme\n", "offload.optimizer"),
         ("parallel:\n  pp: 8\n", "model.n_layers"),
+        ("parallel:\n  grad_reduce_dtype: fp8\n", "parallel.grad_reduce_dtype"),
+        ("training:\n  compile: sometimes\n", "training.compile"),
+        (
+            "training:\n  compile: true\nparallel:\n  pp: 2\n  pp_schedule: ZBVZeroBubble\n"
+            "  pp_stages_per_rank: 2\n",
+            "training.compile",
+        ),
         ("- just\n- a list\n", "mapping"),
     ],
 )
