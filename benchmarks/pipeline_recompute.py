@@ -3,8 +3,9 @@ checkpointing (CPU, gloo, 2 pipeline ranks; counts, not times, so a CPU run is m
 
 1F1B with full checkpointing runs each block's forward twice per microbatch (forward +
 recompute). The zero-bubble schedules' split backward runs it three times with linscale's
-merged weight pass (parallel/pipeline_weight_grad.py), and once per parameter group more with
-torch's own per-group pass (``--torch-weight-pass``).
+merged weight pass (``--zb-backward merged``, parallel/pipeline_weight_grad.py), once per
+parameter group more with torch's own per-group pass (``split``), and twice with the fused
+backward (``fused``: no split).
 
     python benchmarks/pipeline_recompute.py --out benchmarks/results/pipeline_recompute_cpu.json
 """
@@ -75,13 +76,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/pipeline_recompute_cpu.json")
     ap.add_argument(
-        "--torch-weight-pass",
-        action="store_true",
-        help="keep torch's per-group weight pass (the behaviour before the merge)",
+        "--zb-backward",
+        choices=("auto", "split", "merged", "fused"),
+        default="auto",
+        help="the zero-bubble schedules' backward (LINSCALE_PP_ZB_BACKWARD; split = torch's own "
+        "input pass and per-group weight pass)",
     )
     ns = ap.parse_args()
-    if ns.torch_weight_pass:
-        os.environ["LINSCALE_PP_TORCH_WEIGHT_PASS"] = "1"  # inherited by the spawned ranks
+    os.environ["LINSCALE_PP_ZB_BACKWARD"] = ns.zb_backward  # inherited by the spawned ranks
     rows = []
     for schedule, per_rank in SCHEDULES.items():
         for ac in ("none", "full"):
@@ -100,6 +102,7 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": __import__("torch").__version__,
         "command": " ".join(sys.argv),
+        "zb_backward": ns.zb_backward,
         "date": datetime.now(timezone.utc).isoformat(),
         "rows": rows,
     }

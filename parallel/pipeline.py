@@ -26,7 +26,6 @@ the last stage hold the copy as ``output.weight``.
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.distributed as dist
@@ -40,6 +39,7 @@ from torch.distributed.pipelining.schedules import (
 
 from dist.logging import get_logger
 from dist.parallel_dims import ParallelDims
+from models.env_settings import env_setting
 from models.llama import LinearLlama
 from parallel.data_parallel import exclude_from_grad_norm
 from parallel.parallelize import parallelize_model
@@ -50,7 +50,7 @@ from parallel.pipeline_split import (
     stage_ids_on_rank,
     stage_to_rank,
 )
-from parallel.pipeline_weight_grad import install_merged_weight_pass
+from parallel.pipeline_weight_grad import ZB_BACKWARD_MODES, install_zero_bubble_backward
 
 __all__ = ["SCHEDULES", "Pipeline", "build_pipeline", "placement_style"]
 
@@ -200,6 +200,7 @@ def _tie_group(dims: ParallelDims, first_pp: int, last_pp: int):
 
 
 ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")
+_ZB_CKPT_DEFAULT = "merged"
 
 
 def build_pipeline(
@@ -226,23 +227,21 @@ def build_pipeline(
     ctx = StepContext(device_type=device.type, autocast_dtype=autocast_dtype)
     tied = model.args.tie_embeddings and model.output is None
 
-    # torch's deferred weight pass runs one autograd.grad per parameter group, which replays
-    # each checkpointed block once per group (measured 3-6x the forwards of 1F1B); one merged
-    # pass recomputes a block once (pipeline_weight_grad.py) but re-runs the input path's
-    # backward, so it is used only when blocks are checkpointed.
-    # LINSCALE_PP_TORCH_WEIGHT_PASS=1 keeps torch's own pass (for benchmarks/pipeline_recompute.py).
-    zero_bubble = p.pp_schedule in ZERO_BUBBLE_SCHEDULES
-    if zero_bubble:
-        want_merged = (
-            p.activation_checkpointing != "none"
-            and os.environ.get("LINSCALE_PP_TORCH_WEIGHT_PASS", "0") != "1"
-        )
-        if not install_merged_weight_pass(want_merged) and want_merged:
+    # How the zero-bubble schedules run their backward (pipeline_weight_grad.py): torch's split
+    # (input pass, per-group weight pass) does 1F1B's work without checkpointing, but replays a
+    # checkpointed block once per parameter group; with checkpointing the default is
+    # _ZB_CKPT_DEFAULT. LINSCALE_PP_ZB_BACKWARD (auto, split, merged, fused) overrides it.
+    if p.pp_schedule in ZERO_BUBBLE_SCHEDULES:
+        mode = env_setting("LINSCALE_PP_ZB_BACKWARD", "auto", ("auto", *ZB_BACKWARD_MODES))
+        if mode == "auto":
+            mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
+        if not install_zero_bubble_backward(mode) and mode != "split":
             get_logger().warning(
-                "parallel.pp_schedule %s with activation checkpointing: this torch's pipelining "
-                "has no hook for a merged weight pass, so each checkpointed block is recomputed "
-                "once per parameter group (several times per microbatch)",
+                "parallel.pp_schedule %s: this torch's pipelining has no hook for the %s "
+                "backward; its own split runs (a checkpointed block is recomputed once per "
+                "parameter group)",
                 p.pp_schedule,
+                mode,
             )
     extra = {
         "checkpoint_every": p.checkpoint_every,

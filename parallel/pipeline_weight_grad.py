@@ -12,8 +12,8 @@ a pre-hook to the gradient saved in the input pass (as torch does within a group
 groups partition the parameters at those intermediates, so a path from one group's intermediate
 into another group's parameters passes through a clamped intermediate and adds nothing twice.
 The price: the engine still runs the nodes along those paths (the input-gradient backward
-again), so the pipeline installs this pass only for checkpointed blocks and keeps torch's
-per-group pass otherwise (:func:`install_merged_weight_pass`).
+again). :func:`install_zero_bubble_backward` chooses between torch's split, this merged pass,
+and a fused backward that does not split at all.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["install_merged_weight_pass", "merged_stage_backward_weight"]
+__all__ = [
+    "ZB_BACKWARD_MODES",
+    "fused_stage_backward_input",
+    "install_zero_bubble_backward",
+    "merged_stage_backward_weight",
+]
 
 
 def _grad_acc(weight: torch.Tensor):
@@ -77,36 +82,61 @@ def merged_stage_backward_weight(
     return tuple(weight_grads)
 
 
-_TORCH_PASS: list = []  # torch's own stage_backward_weight, kept to restore it
+_TORCH: dict = {}  # torch's own stage_backward_input / stage_backward_weight, to restore them
+
+ZB_BACKWARD_MODES = ("split", "merged", "fused")
 
 
-def install_merged_weight_pass(enable: bool = True) -> bool:
-    """Route pipelining's weight pass through :func:`merged_stage_backward_weight` (``enable``)
-    or back through torch's own per-group pass (``enable=False``).
+def fused_stage_backward_input(stage_outputs_or_loss, output_grads, input_values, weights):
+    """Drop-in for ``stage_backward_input`` that runs the whole backward at once: input and
+    weight gradients (accumulated into ``.grad``) in one pass that frees the graph, and no
+    parameter groups, so the schedule's deferred weight pass has nothing left to do."""
+    from torch.distributed.pipelining._backward import stage_backward
 
-    The merged pass is for checkpointed blocks only. Its single ``autograd.grad`` starts at
-    every group's intermediate at once, so the engine also runs the nodes between one group's
-    intermediate and the next along the input path (their results are then replaced by the
-    clamps): in effect the input-gradient backward again. Without checkpointing torch's pass
-    costs nothing extra (the same aten FLOPs as 1F1B per step; 26% more with the merged pass,
-    ``tests/parallel/test_pipeline_flops.py``); with checkpointing it would recompute each block
-    once per group, which costs far more.
+    del weights
+    if output_grads is None:  # the last stage: a tuple holding the loss, which seeds itself
+        output_grads = [None] * len(stage_outputs_or_loss)
+    return stage_backward(stage_outputs_or_loss, output_grads, input_values), []
 
-    Returns False (and changes nothing) when this torch's pipelining does not have the expected
-    ``stage_backward_weight(weights, param_groups, retain_graph)`` hook point.
+
+def install_zero_bubble_backward(mode: str) -> bool:
+    """How the zero-bubble schedules' backward runs, process-wide (torch looks the two
+    functions up in its ``stage`` module at call time):
+
+    - ``"split"``: torch's input pass and per-group weight pass. Exact, and 1F1B's work
+      without checkpointing (the same aten FLOPs per step: ``test_pipeline_flops.py``); with
+      checkpointing each block is recomputed once per parameter group.
+    - ``"merged"``: torch's input pass, then :func:`merged_stage_backward_weight`: one
+      recompute of a checkpointed block in the weight pass, but the engine also runs the nodes
+      between the groups' intermediates (the input-gradient backward again).
+    - ``"fused"``: :func:`fused_stage_backward_input`: the whole backward in the input slot
+      (one recompute, nothing retained), an empty weight pass. The schedule's order stays;
+      its weight slots no longer fill bubbles.
+
+    Returns False (and changes nothing) when this torch's pipelining lacks the expected hook
+    points ``stage_backward_input(outputs, grads, inputs, weights)`` and
+    ``stage_backward_weight(weights, param_groups, retain_graph)``.
     """
+    if mode not in ZB_BACKWARD_MODES:
+        raise ValueError(f"zero-bubble backward mode must be one of {ZB_BACKWARD_MODES}: {mode!r}")
     try:
         from torch.distributed.pipelining import stage as stage_module
     except ImportError:
         return False
-    current = getattr(stage_module, "stage_backward_weight", None)
-    if current is None:
-        return False
-    if not _TORCH_PASS:
-        if current is merged_stage_backward_weight:
-            return False  # patched by someone else before us: the original is unknown
-        if list(inspect.signature(current).parameters)[:2] != ["weights", "param_groups"]:
+    if not _TORCH:
+        bi = getattr(stage_module, "stage_backward_input", None)
+        bw = getattr(stage_module, "stage_backward_weight", None)
+        if bi is None or bw is None or bw is merged_stage_backward_weight:
             return False
-        _TORCH_PASS.append(current)
-    stage_module.stage_backward_weight = merged_stage_backward_weight if enable else _TORCH_PASS[0]
+        if list(inspect.signature(bw).parameters)[:2] != ["weights", "param_groups"]:
+            return False
+        if len(inspect.signature(bi).parameters) != 4:
+            return False
+        _TORCH.update(input=bi, weight=bw)
+    stage_module.stage_backward_input = (
+        fused_stage_backward_input if mode == "fused" else _TORCH["input"]
+    )
+    stage_module.stage_backward_weight = (
+        merged_stage_backward_weight if mode == "merged" else _TORCH["weight"]
+    )
     return True
