@@ -89,16 +89,7 @@ def main() -> None:
     S.apply_sequence_parallel(
         m, group=dist.group.WORLD, layout="contiguous", linear_impl="lasp2", lasp2_schedule="serial"
     )
-    T = 2 * 32 * S.K
-    gen = torch.Generator(device=device).manual_seed(1)
-    full = torch.randint(0, m.args.vocab_size, (1, T + 1), device=device, generator=gen)
-    kw = {"rank": rank, "world": 2, "layout": "contiguous"}
-    batch = (
-        S.shard_sequence(full[:, :-1], dim=1, **kw),
-        S.shard_sequence(full[:, 1:], dim=1, **kw),
-        S.shard_position_ids(T, device=device, **kw),
-        float(T),
-    )
+    batch = S.sp_batch(m, 2 * 32 * S.K, rank=rank, sp=2, layout="contiguous", device=device)
     for mode in args.modes.split(","):
         reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[mode]
         ddp = apply_ddp(m, dist.group.WORLD, bucket_mb=25, reduce_dtype=reduce_dtype)

@@ -195,6 +195,20 @@ def time_steps(
     return times
 
 
+def sp_batch(m, T: int, *, rank: int, sp: int, layout: str, device) -> tuple:
+    """This rank's shard of one random T-token sequence (seed 1) as ``time_steps`` takes it:
+    ``(tokens, labels, position_ids, T)``."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    full = torch.randint(0, m.args.vocab_size, (1, T + 1), device=device, generator=gen)
+    kw = {"rank": rank, "world": sp, "layout": layout}
+    return (
+        shard_sequence(full[:, :-1], dim=1, **kw),
+        shard_sequence(full[:, 1:], dim=1, **kw),
+        shard_position_ids(T, device=device, **kw),
+        float(T),
+    )
+
+
 def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
     sp, layout = cfg["sp"], cfg["layout"]
     group = groups.get(sp)
@@ -207,16 +221,7 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
             linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2",
             lasp2_schedule=args.lasp2_schedule,
         )
-    T = cfg["seq_len"]
-    gen = torch.Generator(device=device).manual_seed(1)
-    full = torch.randint(0, m.args.vocab_size, (1, T + 1), device=device, generator=gen)
-    kw = {"rank": rank, "world": sp, "layout": layout}
-    batch = (
-        shard_sequence(full[:, :-1], dim=1, **kw),
-        shard_sequence(full[:, 1:], dim=1, **kw),
-        shard_position_ids(T, device=device, **kw),
-        float(T),
-    )
+    batch = sp_batch(m, cfg["seq_len"], rank=rank, sp=sp, layout=layout, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ddp = None
