@@ -237,6 +237,8 @@ CASES += [
     ("delta", "bf16", 128, 128, False, False, {}),  # chunk_gated_delta_rule with g=None
     # the scans' V tile with many sequences x heads (auto picks 32 there, 16 at this size)
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
+    # 16-bit inputs with the intermediates kept in fp32 (the pre-bf16-storage kernels)
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_STORE": "fp32"}),
     # the 16-row-block GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),

@@ -85,29 +85,32 @@ def delta_scan_fwd_kernel(
     offs_v = pv * BV + tl.arange(0, BV)
     c0 = tl.load(seq_g0 + n)
     c1 = tl.load(seq_g0 + n + 1)
-    sp, sm = _state(h0_ptr, n, h, H, K, V, offs_k, offs_v)
+    p0, m0 = _state(h0_ptr, n, h, H, K, V, offs_k, offs_v)  # names apart from the loop's
     if HAS_H0:
-        st = tl.load(sp, mask=sm, other=0.0).to(tl.float32)
+        st = tl.load(p0, mask=m0, other=0.0).to(tl.float32)
     else:
         st = tl.zeros([BK, BV], tl.float32)
     for i in range(c1 - c0):
         c = c0 + i
         rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
         sp, sm = _state(hc_ptr, c, h, H, K, V, offs_k, offs_v)
-        tl.store(sp, st, mask=sm)
+        tl.store(sp, st.to(hc_ptr.dtype.element_ty), mask=sm)
         up, um = _tile(u_ptr, rows, mi, V, offs_v)
         wp, wm = _tile(w_ptr, rows, mi, K, offs_k)
         kp, _ = _tile(k_ptr, rows, mi, K, offs_k)
-        delta = tl.load(up, mask=um, other=0.0) - tl.dot(tl.load(wp, mask=wm, other=0.0), st)
+        w = tl.load(wp, mask=wm, other=0.0)
+        sd = w.dtype  # storage dtype of u, w, delta and the states (products in it)
+        delta = tl.load(up, mask=um, other=0.0).to(tl.float32) - tl.dot(w, st.to(sd))
+        delta = delta.to(sd)
         dp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
         tl.store(dp, delta, mask=um)
         bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
         bl = _last_gate(b_ptr, lrow, n_tok)
         kd = tl.load(kp, mask=wm, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
-        st = tl.exp(bl) * st + tl.dot(tl.trans(kd), delta)
+        st = tl.exp(bl) * st + tl.dot(tl.trans(kd.to(sd)), delta)
     if STORE_FINAL:
-        sp, sm = _state(ht_ptr, n, h, H, K, V, offs_k, offs_v)
-        tl.store(sp, st, mask=sm)
+        p1, m1 = _state(ht_ptr, n, h, H, K, V, offs_k, offs_v)
+        tl.store(p1, st, mask=m1)
 
 
 @triton.jit
@@ -147,29 +150,30 @@ def delta_scan_bwd_kernel(
     offs_v = pv * BV + tl.arange(0, BV)
     c0 = tl.load(seq_g0 + n)
     c1 = tl.load(seq_g0 + n + 1)
-    sp, sm = _state(dht_ptr, n, h, H, K, V, offs_k, offs_v)
+    p0, m0 = _state(dht_ptr, n, h, H, K, V, offs_k, offs_v)  # names apart from the loop's
     if HAS_DHT:
-        dh = tl.load(sp, mask=sm, other=0.0).to(tl.float32)
+        dh = tl.load(p0, mask=m0, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros([BK, BV], tl.float32)
     for i in range(c1 - c0):
         c = c1 - 1 - i
         rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
         sp, sm = _state(dhc_ptr, c, h, H, K, V, offs_k, offs_v)
-        tl.store(sp, dh, mask=sm)
+        tl.store(sp, dh.to(dhc_ptr.dtype.element_ty), mask=sm)
         bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
         bl = _last_gate(b_ptr, lrow, n_tok)
         kp, km = _tile(k_ptr, rows, mi, K, offs_k)
+        wp, _ = _tile(w_ptr, rows, mi, K, offs_k)
+        w = tl.load(wp, mask=km, other=0.0)
+        sd = w.dtype  # storage dtype of w and the states (products in it)
         kd = tl.load(kp, mask=km, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
         ddp, dm = _tile(dd_ptr, rows, mi, V, offs_v)
-        dd = tl.load(ddp, mask=dm, other=0.0) + tl.dot(kd, dh)
+        dd = tl.load(ddp, mask=dm, other=0.0) + tl.dot(kd.to(sd), dh.to(sd))
         tl.store(ddp, dd, mask=dm)
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
         qg = tl.load(qp, mask=km, other=0.0).to(tl.float32) * (scale * tl.exp(bb))[:, None]
         dop, _ = _tile(do_ptr, rows, mi, V, offs_v)
-        do = tl.load(dop, mask=dm, other=0.0).to(tl.float32)
-        wp, _ = _tile(w_ptr, rows, mi, K, offs_k)
-        w = tl.load(wp, mask=km, other=0.0)
-        dh = tl.exp(bl) * dh + tl.dot(tl.trans(qg), do) - tl.dot(tl.trans(w), dd)
-    sp, sm = _state(dh0_ptr, n, h, H, K, V, offs_k, offs_v)
-    tl.store(sp, dh, mask=sm)
+        do = tl.load(dop, mask=dm, other=0.0).to(sd)
+        dh = tl.exp(bl) * dh + tl.dot(tl.trans(qg.to(sd)), do) - tl.dot(tl.trans(w), dd.to(sd))
+    p1, m1 = _state(dh0_ptr, n, h, H, K, V, offs_k, offs_v)
+    tl.store(p1, dh, mask=m1)

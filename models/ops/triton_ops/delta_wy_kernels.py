@@ -127,13 +127,15 @@ def delta_wy_fwd_kernel(
         kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
         kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
         wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-        tl.store(wp, tl.dot(a, kt * bg[:, None], input_precision=UW_PREC), mask=km)
+        wt = tl.dot(a, kt * bg[:, None], input_precision=UW_PREC)
+        tl.store(wp, wt.to(w_ptr.dtype.element_ty), mask=km)
     if STORE_U:
         for v0 in tl.static_range(0, V, BV):
             vp, vm = _tile(v_ptr, rows, mi, V, v0 + tl.arange(0, BV))
             vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
             up, _ = _tile(u_ptr, rows, mi, V, v0 + tl.arange(0, BV))
-            tl.store(up, tl.dot(a, vt * beta[:, None], input_precision=UW_PREC), mask=vm)
+            ut = tl.dot(a, vt * beta[:, None], input_precision=UW_PREC)
+            tl.store(up, ut.to(u_ptr.dtype.element_ty), mask=vm)
     if BWD_PREP:
         qk = tl.zeros([C, C], tl.float32)
         for k0 in tl.static_range(0, K, BK):
@@ -212,10 +214,11 @@ def delta_wy_bwd_kernel(
         dlp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
         ddp, _ = _tile(dd_ptr, rows, mi, V, offs_v)
         vp, _ = _tile(v_ptr, rows, mi, V, offs_v)
-        do = tl.load(dop, mask=vm, other=0.0).to(tl.float32)
+        dl = tl.load(dlp, mask=vm, other=0.0)
+        do = tl.load(dop, mask=vm, other=0.0).to(dl.dtype)
         dd = tl.load(ddp, mask=vm, other=0.0)
         vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
-        dp += tl.dot(do, tl.trans(tl.load(dlp, mask=vm, other=0.0)))
+        dp += tl.dot(do, tl.trans(dl))
         da += tl.dot(dd, tl.trans(vt * beta[:, None]))
         atdd = tl.dot(at, dd)
         dvp, _ = _tile(dv_ptr, rows, mi, V, offs_v)
