@@ -239,6 +239,10 @@ CASES += [
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_BV": "32"}),
     # 16-bit inputs with the intermediates kept in fp32 (the pre-bf16-storage kernels)
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_STORE": "fp32"}),
+    # the WY backward with tf32 products for 16-bit inputs; the dq/dk/w kernel with K whole
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_WYBWD_LOWP": "off"}),
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_DQKW_BK": "128"}),
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "lowp"}),
     # the 16-row-block GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),

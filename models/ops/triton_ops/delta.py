@@ -20,24 +20,29 @@ backward (A, b, the chunk-start states and delta are kept from the forward)
     4. :func:`~.delta_wy_kernels.delta_wy_bwd_kernel` (chunk x head): through the intra-chunk
        scores and the WY transform; dq, dk, dv, dbeta and dg (reverse in-chunk cumsum of db).
 
-Accumulation inside the kernels is fp32 (products on tensor cores, tf32 for fp32 operands;
-the block combinations of the triangular solve use 3xTF32 on CUDA for fp32 inputs, TF32 for
-16-bit ones). A, b, the pseudo-value adjoint dd and the gradient parts stay fp32; for 16-bit
-inputs u, w, delta, the chunk-start states and their adjoints are stored in the inputs' dtype
-and multiplied in it (:func:`_store_dtype`: on the H100 at 8K x 8 this took fwd+bwd from 16.5
-to 11.7 ms, bf16 relative errors from ~2.6e-3 to ~3.1e-3), for fp32 inputs all in fp32.
+Accumulation inside the kernels is fp32 (products on tensor cores). For fp32 inputs every
+intermediate is fp32 and the products tf32 (the block combinations of the triangular solve and
+the products with A 3xTF32). For 16-bit inputs (:func:`_store_dtype`) u, w, delta, the
+chunk-start states, their adjoints, the pseudo-value adjoint dd and the inter-chunk gradient
+parts dq, dk, dw are stored in the inputs' dtype, and the products take operands in it (A
+and b stay fp32; the solve runs TF32). On the H100 at 8K x 8 x 16 heads, bf16, this took
+fwd+bwd from 16.5 to 8.4 ms (with the tile and warp defaults below), the worst relative error
+against the fp32 reference from 3.0e-3 to 3.8e-3 (benchmarks/results/delta_quick_*_h100.json).
 
 Launch settings, read at every call (each is a launch parameter or constexpr, so changing one
 between calls compiles a new variant), invalid values raise ValueError:
-``LINSCALE_DELTA_STORE`` (auto, fp32), ``LINSCALE_DELTA_SOLVE_PREC`` /
-``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee; see
-:func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,DQKW,WYBWD}_WARPS`` (4, 8),
-``LINSCALE_DELTA_SCAN_STAGES`` (1-3), ``LINSCALE_DELTA_SCAN_BV`` (16, 32, 64),
-``LINSCALE_DELTA_DQKW_BV`` (16, 32, 64) and ``LINSCALE_DELTA_WYBWD_BLOCK`` (16, 32, 64: the K
-and V tile widths of the WY backward, default 64, measured fastest on the H100). The dq/dk/w
-kernel runs one pipeline stage: with two (1.5% faster) the H100 gave 1.6% relative error in the
-layer-0 k/beta projection gradients of a narrowed Gated DeltaNet model at T = 1000
-(tests/gpu/test_trainer_gpu.py) against 2.3e-3 with one; the kernel tests had not shown it.
+``LINSCALE_DELTA_STORE`` (auto, fp32: fp32 intermediates for 16-bit inputs too),
+``LINSCALE_DELTA_WYBWD_LOWP`` (auto, off: tf32 products in the WY backward),
+``LINSCALE_DELTA_SOLVE_PREC`` / ``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee, and lowp for
+UW; see :func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,DQKW,WYBWD}_WARPS`` (4, 8; the WY backward
+defaults to 4 with 16-bit operands, 8 otherwise), ``LINSCALE_DELTA_SCAN_STAGES`` (1-3),
+``LINSCALE_DELTA_SCAN_BV`` (16, 32, 64), ``LINSCALE_DELTA_DQKW_BV`` (16, 32, 64; default 64
+for 16-bit inputs, 32 for fp32), ``LINSCALE_DELTA_DQKW_BK`` (32, 64, 128; default 64) and
+``LINSCALE_DELTA_WYBWD_BLOCK`` (16, 32, 64: the K and V tile widths of the WY backward,
+default 64, measured fastest on the H100). The dq/dk/w kernel runs one pipeline stage: with
+two (1.5% faster) the H100 gave 1.6% relative error in the layer-0 k/beta projection gradients
+of a narrowed Gated DeltaNet model at T = 1000 (tests/gpu/test_trainer_gpu.py) against 2.3e-3
+with one; the kernel tests had not shown it.
 """
 
 from __future__ import annotations
@@ -75,25 +80,34 @@ def _prec(x: torch.Tensor) -> dict:
     (``LINSCALE_DELTA_SOLVE_PREC``; default 3xTF32 for fp32 inputs and TF32 for 16-bit ones,
     whose keys are already rounded to 8 bits: TF32 leaves ~5e-4 relative error in A, 3xTF32
     fp32-level error at twice the registers) and ``A (beta v)``, ``A (beta gam k)``
-    (``LINSCALE_DELTA_UW_PREC``; 3xTF32 for fp32 inputs, TF32 for 16-bit ones). Values:
-    tf32x3, tf32, ieee. The interpreter takes "ieee"."""
+    (``LINSCALE_DELTA_UW_PREC``; 3xTF32 for fp32 inputs; for 16-bit ones lowp, both operands
+    rounded to the inputs' dtype: u and w are stored in it anyway; also the backward's
+    ``scale (q k^T * D)^T do``). Values: tf32x3, tf32, ieee, and for UW lowp. The interpreter
+    takes "ieee"."""
     if x.device.type != "cuda":
         return dict(PREC="ieee", UW_PREC="ieee")
     lowp = x.dtype != torch.float32
     solve = env_setting("LINSCALE_DELTA_SOLVE_PREC", "tf32" if lowp else "tf32x3", _PRECS)
-    uw = env_setting("LINSCALE_DELTA_UW_PREC", "tf32" if lowp else "tf32x3", _PRECS)
+    uw = env_setting("LINSCALE_DELTA_UW_PREC", "lowp" if lowp else "tf32x3", (*_PRECS, "lowp"))
     return dict(PREC=solve, UW_PREC=uw)
 
 
 def _store_dtype(x: torch.Tensor) -> torch.dtype:
-    """Storage dtype of the intermediates u, w, delta and the per-chunk states and adjoints:
-    the inputs' dtype for 16-bit inputs (the kernels' products with them then run in it, fp32
-    accumulation), fp32 for fp32 inputs. ``LINSCALE_DELTA_STORE=fp32`` keeps them fp32 for
+    """Storage dtype of the intermediates u, w, delta, the per-chunk states and adjoints, dd
+    and the inter-chunk gradient parts: the inputs' dtype for 16-bit inputs (the kernels'
+    products with them then run in it, fp32 accumulation), fp32 for fp32 inputs. ``LINSCALE_DELTA_STORE=fp32`` keeps them fp32 for
     16-bit inputs as well (auto, fp32)."""
     mode = env_setting("LINSCALE_DELTA_STORE", "auto", ("auto", "fp32"))
     if mode == "auto" and x.dtype in (torch.bfloat16, torch.float16):
         return x.dtype
     return torch.float32
+
+
+def _wybwd_lowp(x: torch.Tensor) -> bool:
+    """Whether the WY backward rounds its fp32 product operands to the 16-bit input dtype
+    (``LINSCALE_DELTA_WYBWD_LOWP``: auto = yes for 16-bit inputs, off = tf32 products)."""
+    mode = env_setting("LINSCALE_DELTA_WYBWD_LOWP", "auto", ("auto", "off"))
+    return mode == "auto" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _warps(name: str, default: int) -> int:
@@ -175,11 +189,12 @@ class _GatedDelta(torch.autograd.Function):
         f32 = dict(device=dev, dtype=torch.float32)
         sd = dict(device=dev, dtype=hc.dtype)
         bk, bv = min(64, _p2(K)), min(64, _p2(V))
-        nkp = triton.cdiv(K, bk)
+        bkd = min(env_setting("LINSCALE_DELTA_DQKW_BK", 64, (32, 64, 128)), _p2(K))  # dqkw K tile
+        nkp = triton.cdiv(K, bkd)  # K tiles of the dqkw kernel: columns of the gate-gradient part
         gf = g.contiguous().view(TT, H) if g is not None else beta
         do = do.contiguous().view(TT, H, V)
         w = torch.empty(TT, H, K, **sd)
-        dd = torch.empty(TT, H, V, **f32)
+        dd = torch.empty(TT, H, V, **sd)
         wk.delta_wy_fwd_kernel[(nch, H)](
             q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False, STORE_U=False,
@@ -194,29 +209,30 @@ class _GatedDelta(torch.autograd.Function):
             q, k, w, b, do, dd, dhtc, dhc, dh0, grp.bos, grp.eos, grp.seq_g0, scale,
             H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_DHT=dht is not None,
         )  # fmt: skip
-        dqp = torch.empty(TT, H, K, **f32)
-        dkp = torch.empty(TT, H, K, **f32)
+        dqp = torch.empty(TT, H, K, **sd)
+        dkp = torch.empty(TT, H, K, **sd)
         dbp = torch.empty(TT, H, nkp, **f32)
-        # the adjoint of w, fp32 (the dqkw kernel writes it over w when w is fp32 itself)
-        dw = w if w.dtype == torch.float32 else torch.empty(TT, H, K, **f32)
-        bvd = env_setting("LINSCALE_DELTA_DQKW_BV", 32, (16, 32, 64))  # V tile of the dqkw kernel
+        dw = w  # the dqkw kernel overwrites w with its adjoint
+        lowp = sd["dtype"] != torch.float32
+        bvd = env_setting("LINSCALE_DELTA_DQKW_BV", 64 if lowp else 32, (16, 32, 64))  # its V tile
         ck.delta_dqkw_kernel[(nkp, nch, H)](
             q, k, b, hc, dhc, do, dlt, dd, dqp, dkp, dw, dbp, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=min(bvd, bv), NKP=nkp, num_warps=_warps("DQKW", 8),
+            H=H, K=K, V=V, C=_C, BK=bkd, BV=min(bvd, bv), NKP=nkp, num_warps=_warps("DQKW", 8),
             num_stages=1,  # 2 stages gave 1.6% gradient errors on the H100 (see module doc)
         )  # fmt: skip
-        del dhc, w
+        del dhc
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dbeta = torch.empty_like(beta)
         dg = torch.empty(TT, H, device=dev, dtype=g.dtype) if g is not None else dbeta
         bkb = env_setting("LINSCALE_DELTA_WYBWD_BLOCK", 64, (16, 32, 64))  # its K and V tile widths
+        wlow = _wybwd_lowp(q)  # 16-bit product operands: 4 warps measured faster (spills or not)
         wk.delta_wy_bwd_kernel[(nch, H)](
             q, k, v, gf, beta, a, do, dlt, dd, dw, dqp, dkp, dbp, dq, dk, dv, dbeta, dg,
             grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=min(bkb, bk), BV=min(bkb, bv), NKP=nkp, HAS_G=g is not None,
-            num_warps=_warps("WYBWD", 8), num_stages=1,
+            LOWP=wlow, num_warps=_warps("WYBWD", 4 if wlow else 8), num_stages=1,
         )  # fmt: skip
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return (

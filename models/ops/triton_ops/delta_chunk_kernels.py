@@ -124,11 +124,11 @@ def delta_dqkw_kernel(
     dqp = dqa * (scale * tl.exp(bb))[:, None]
     dkp = dka * tl.exp(bl - bb)[:, None]
     p, _ = _tile(dqp_ptr, rows, mi, K, offs_k)
-    tl.store(p, dqp, mask=km)
+    tl.store(p, dqp.to(dqp_ptr.dtype.element_ty), mask=km)
     p, _ = _tile(dkp_ptr, rows, mi, K, offs_k)
-    tl.store(p, dkp, mask=km)
+    tl.store(p, dkp.to(dkp_ptr.dtype.element_ty), mask=km)
     p, _ = _tile(dw_ptr, rows, mi, K, offs_k)
-    tl.store(p, -dwa, mask=km)
+    tl.store(p, (-dwa).to(dw_ptr.dtype.element_ty), mask=km)
     kdk = tl.sum(tl.load(kp, mask=km, other=0.0).to(tl.float32) * dkp, 1)
     dbp = tl.sum(tl.load(qp, mask=km, other=0.0).to(tl.float32) * dqp, 1) - kdk
     tail = tl.sum(kdk, 0) + tl.exp(bl) * tl.sum(dgam, 0)

@@ -168,7 +168,8 @@ def delta_scan_bwd_kernel(
         sd = w.dtype  # storage dtype of w and the states (products in it)
         kd = tl.load(kp, mask=km, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
         ddp, dm = _tile(dd_ptr, rows, mi, V, offs_v)
-        dd = tl.load(ddp, mask=dm, other=0.0) + tl.dot(kd.to(sd), dh.to(sd))
+        dd = tl.load(ddp, mask=dm, other=0.0).to(tl.float32) + tl.dot(kd.to(sd), dh.to(sd))
+        dd = dd.to(dd_ptr.dtype.element_ty)
         tl.store(ddp, dd, mask=dm)
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
         qg = tl.load(qp, mask=km, other=0.0).to(tl.float32) * (scale * tl.exp(bb))[:, None]

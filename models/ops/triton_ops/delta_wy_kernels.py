@@ -55,6 +55,16 @@ def _combine(t, L, ri, cj, M: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _uw_dot(a, x, UW_PREC: tl.constexpr, lp: tl.constexpr):
+    """``a @ x`` (fp32 result) with both operands rounded to ``lp`` (the inputs' dtype) when
+    UW_PREC is "lowp", else as fp32 operands in that input precision."""
+    if UW_PREC == "lowp":
+        return tl.dot(a.to(lp), x.to(lp))
+    else:
+        return tl.dot(a.to(tl.float32), x.to(tl.float32), input_precision=UW_PREC)
+
+
+@triton.jit
 def _gates(g_ptr, beta_ptr, rows, mi, HAS_G: tl.constexpr, C: tl.constexpr):
     """In-chunk cumulative log gate b, beta and the decay matrix D ``[C, C]`` (0 above)."""
     if HAS_G:
@@ -127,14 +137,14 @@ def delta_wy_fwd_kernel(
         kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
         kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
         wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-        wt = tl.dot(a, kt * bg[:, None], input_precision=UW_PREC)
+        wt = _uw_dot(a, kt * bg[:, None], UW_PREC, k_ptr.dtype.element_ty)
         tl.store(wp, wt.to(w_ptr.dtype.element_ty), mask=km)
     if STORE_U:
         for v0 in tl.static_range(0, V, BV):
             vp, vm = _tile(v_ptr, rows, mi, V, v0 + tl.arange(0, BV))
             vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
             up, _ = _tile(u_ptr, rows, mi, V, v0 + tl.arange(0, BV))
-            ut = tl.dot(a, vt * beta[:, None], input_precision=UW_PREC)
+            ut = _uw_dot(a, vt * beta[:, None], UW_PREC, k_ptr.dtype.element_ty)
             tl.store(up, ut.to(u_ptr.dtype.element_ty), mask=vm)
     if BWD_PREP:
         qk = tl.zeros([C, C], tl.float32)
@@ -146,7 +156,12 @@ def delta_wy_fwd_kernel(
         for v0 in tl.static_range(0, V, BV):
             dop, vm = _tile(do_ptr, rows, mi, V, v0 + tl.arange(0, BV))
             ddp, _ = _tile(dd_ptr, rows, mi, V, v0 + tl.arange(0, BV))
-            tl.store(ddp, tl.dot(pt, tl.load(dop, mask=vm, other=0.0).to(tl.float32)), mask=vm)
+            dot_ = tl.load(dop, mask=vm, other=0.0)
+            if UW_PREC == "lowp":
+                ddt = tl.dot(pt.to(k_ptr.dtype.element_ty), dot_.to(k_ptr.dtype.element_ty))
+            else:
+                ddt = tl.dot(pt, dot_.to(tl.float32))
+            tl.store(ddp, ddt.to(dd_ptr.dtype.element_ty), mask=vm)
 
 
 @triton.jit
@@ -180,8 +195,12 @@ def delta_wy_bwd_kernel(
     BV: tl.constexpr,
     NKP: tl.constexpr,
     HAS_G: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     """Gradients through the intra-chunk scores and the WY transform. Grid ``(NCh, H)``.
+
+    LOWP: the products' fp32 operands (A, dd, dw, the score and WY adjoints) are rounded to
+    k's dtype (16-bit inputs), products still accumulated in fp32; otherwise tf32.
 
     Inputs (``[TT, H, *]``): ``delta``, its adjoint ``dd`` (from the reverse scan), ``dw`` (the
     adjoint of w), and the inter-chunk parts ``dqp``, ``dkp`` (fp32) and ``dbp`` ``[TT, H, NKP]``
@@ -203,6 +222,8 @@ def delta_wy_bwd_kernel(
     # A^T loaded directly (A is only used transposed); the [C, C] tiles below are consumed as
     # soon as possible, to keep few of them live at once (register pressure)
     at = tl.load(a_ptr + rows[None, :] * C + r[:, None], mask=mi[None, :], other=0.0)
+    lp = k_ptr.dtype.element_ty if LOWP else tl.float32  # operand dtype of the products
+    atl = at.to(lp)
     gam = tl.exp(bb)
     bg = beta * gam
     dp = tl.zeros([C, C], tl.float32)
@@ -219,8 +240,8 @@ def delta_wy_bwd_kernel(
         dd = tl.load(ddp, mask=vm, other=0.0)
         vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
         dp += tl.dot(do, tl.trans(dl))
-        da += tl.dot(dd, tl.trans(vt * beta[:, None]))
-        atdd = tl.dot(at, dd)
+        da += tl.dot(dd.to(lp), tl.trans((vt * beta[:, None]).to(lp)))
+        atdd = tl.dot(atl, dd.to(lp))
         dvp, _ = _tile(dv_ptr, rows, mi, V, offs_v)
         tl.store(dvp, (atdd * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vm)
         dbeta += tl.sum(vt * atdd, 1)
@@ -236,30 +257,33 @@ def delta_wy_bwd_kernel(
         kk += tl.dot(kt, tl.trans(kt))
         qk += tl.dot(tl.load(qp, mask=km, other=0.0), tl.trans(kt))
         kbg = kt.to(tl.float32) * bg[:, None]
-        da += tl.dot(tl.load(dwp, mask=km, other=0.0), tl.trans(kbg))
+        da += tl.dot(tl.load(dwp, mask=km, other=0.0).to(lp), tl.trans(kbg.to(lp)))
     dpp = dpd * qk
     db = tl.sum(dpp, 1) - tl.sum(dpp, 0)
-    dl = tl.where(r[:, None] > r[None, :], -tl.dot(tl.dot(at, da), at), 0.0)
+    dl = tl.where(r[:, None] > r[None, :], -tl.dot(tl.dot(atl, da.to(lp)).to(lp), atl), 0.0)
     e = dl * kk * dmat  # dL * kk * D; dL * L = beta_i e
     dbeta += tl.sum(e, 1)
     gl = e * beta[:, None]
     db += tl.sum(gl, 1) - tl.sum(gl, 0)
     f = dl * dmat * beta[:, None]
-    fs = f + tl.trans(f)
-    dpdt = tl.trans(dpd)
+    fs = (f + tl.trans(f)).to(lp)
+    dpdl = dpd.to(lp)
+    dpdt = tl.trans(dpdl)
     for k0 in tl.range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         kp, km = _tile(k_ptr, rows, mi, K, offs_k)
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
         dwp, _ = _tile(dw_ptr, rows, mi, K, offs_k)
-        kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
-        qt = tl.load(qp, mask=km, other=0.0).to(tl.float32)
-        aw = tl.dot(at, tl.load(dwp, mask=km, other=0.0))
+        kraw = tl.load(kp, mask=km, other=0.0)
+        kt = kraw.to(tl.float32)
+        ql = tl.load(qp, mask=km, other=0.0).to(lp)
+        kl = kraw.to(lp)
+        aw = tl.dot(atl, tl.load(dwp, mask=km, other=0.0).to(lp))
         dqpp, _ = _tile(dqp_ptr, rows, mi, K, offs_k)
         dkpp, _ = _tile(dkp_ptr, rows, mi, K, offs_k)
-        dq = tl.dot(dpd, kt, tl.load(dqpp, mask=km, other=0.0))
-        dk = tl.load(dkpp, mask=km, other=0.0) + aw * bg[:, None]
-        dk = tl.dot(dpdt, qt, tl.dot(fs, kt, dk))
+        dq = tl.dot(dpdl, kl, tl.load(dqpp, mask=km, other=0.0).to(tl.float32))
+        dk = tl.load(dkpp, mask=km, other=0.0).to(tl.float32) + aw * bg[:, None]
+        dk = tl.dot(dpdt, ql, tl.dot(fs, kl, dk))
         kaw = tl.sum(kt * aw, 1)
         dbeta += gam * kaw
         db += bg * kaw
