@@ -242,7 +242,9 @@ CASES += [
     # the WY backward with tf32 products for 16-bit inputs; the dq/dk/w kernel with K whole
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_WYBWD_LOWP": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_DQKW_BK": "128"}),
-    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "lowp"}),
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "tf32"}),
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_OUT_BV": "128"}),
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_FWD_BV": "64"}),
     # the 16-row-block GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
     ("gla", "bf16", 256, 256, False, False, {"LINSCALE_GLA_INTRA": "v2"}),

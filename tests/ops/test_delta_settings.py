@@ -32,3 +32,23 @@ def test_store_dtype_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("LINSCALE_DELTA_STORE", "bf16")
     with pytest.raises(ValueError, match="LINSCALE_DELTA_STORE='bf16'.*auto, fp32"):
         delta._store_dtype(torch.zeros(2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("n_seq", "env", "want_fwd", "want_bwd"),
+    [
+        (8, {}, 64, 32),  # 8 x 16 heads: 64-wide forward tiles still fill 132 SMs
+        (1, {}, 16, 16),  # one sequence: the narrowest tiles in both scans
+        (8, {"LINSCALE_DELTA_SCAN_BV": "16"}, 16, 16),  # overrides both
+        (1, {"LINSCALE_DELTA_SCAN_FWD_BV": "32"}, 32, 16),  # overrides the forward one only
+    ],
+)
+def test_scan_tiles(monkeypatch, n_seq, env, want_fwd, want_bwd):
+    monkeypatch.setattr(delta, "num_sms", lambda device: 132)
+    for name in ("LINSCALE_DELTA_SCAN_BV", "LINSCALE_DELTA_SCAN_FWD_BV"):
+        monkeypatch.delenv(name, raising=False)
+    for name, val in env.items():
+        monkeypatch.setenv(name, val)
+    dev = torch.device("cpu")
+    assert delta._scan_bv(n_seq, 16, 128, dev, fwd=True) == want_fwd
+    assert delta._scan_bv(n_seq, 16, 128, dev) == want_bwd

@@ -128,7 +128,7 @@ def delta_wy_fwd_kernel(
             kk += tl.dot(kt, tl.trans(kt))
         lmat = tl.where(r[:, None] > r[None, :], beta[:, None] * kk * dmat, 0.0)
         a = unit_lower_inv(lmat, C, PREC)
-        tl.store(ap, a, mask=am)
+        tl.store(ap, a.to(a_ptr.dtype.element_ty), mask=am)
         tl.store(b_ptr + rows, bb, mask=mi)
     else:
         a = tl.load(ap, mask=am, other=0.0)
