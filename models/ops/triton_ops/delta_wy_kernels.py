@@ -246,7 +246,8 @@ def delta_wy_bwd_kernel(
         tl.store(dvp, (atdd * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=vm)
         dbeta += tl.sum(vt * atdd, 1)
     dpd = tl.where(r[:, None] >= r[None, :], dp * dmat * scale, 0.0)
-    kk = tl.zeros([C, C], tl.float32)
+    # three passes over K instead of two, so that at most four [C, C] fp32 tiles are live:
+    # q k^T (for the score part of db) and the w-adjoint part of dA, then k k^T
     qk = tl.zeros([C, C], tl.float32)
     for k0 in tl.range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -254,18 +255,25 @@ def delta_wy_bwd_kernel(
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
         dwp, _ = _tile(dw_ptr, rows, mi, K, offs_k)
         kt = tl.load(kp, mask=km, other=0.0)
-        kk += tl.dot(kt, tl.trans(kt))
         qk += tl.dot(tl.load(qp, mask=km, other=0.0), tl.trans(kt))
         kbg = kt.to(tl.float32) * bg[:, None]
         da += tl.dot(tl.load(dwp, mask=km, other=0.0).to(lp), tl.trans(kbg.to(lp)))
     dpp = dpd * qk
     db = tl.sum(dpp, 1) - tl.sum(dpp, 0)
     dl = tl.where(r[:, None] > r[None, :], -tl.dot(tl.dot(atl, da.to(lp)).to(lp), atl), 0.0)
-    e = dl * kk * dmat  # dL * kk * D; dL * L = beta_i e
+    kk = tl.zeros([C, C], tl.float32)
+    for k0 in tl.range(0, K, BK):
+        kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+        kt = tl.load(kp, mask=km, other=0.0)
+        kk += tl.dot(kt, tl.trans(kt))
+    # the decay matrix again from b rather than kept live through the K passes (registers)
+    dmat = tl.exp(tl.where(r[:, None] >= r[None, :], bb[:, None] - bb[None, :], float("-inf")))
+    f = dl * dmat  # dL * D
+    e = f * kk  # dL * kk * D; dL * L = beta_i e
     dbeta += tl.sum(e, 1)
     gl = e * beta[:, None]
     db += tl.sum(gl, 1) - tl.sum(gl, 0)
-    f = dl * dmat * beta[:, None]
+    f = f * beta[:, None]
     fs = (f + tl.trans(f)).to(lp)
     dpdl = dpd.to(lp)
     dpdt = tl.trans(dpdl)
