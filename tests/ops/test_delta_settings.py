@@ -14,13 +14,13 @@ from models.ops.triton_ops import delta  # noqa: E402
     ("dtype", "setting", "want"),
     [
         (torch.bfloat16, None, torch.bfloat16),
-        (torch.float16, None, torch.float16),
+        (torch.float16, None, torch.float32),  # fp16's range is too narrow for the adjoints
         (torch.float32, None, torch.float32),
         (torch.bfloat16, "fp32", torch.float32),
         (torch.float32, "auto", torch.float32),
     ],
 )
-def test_store_dtype_follows_16_bit_inputs(monkeypatch, dtype, setting, want):
+def test_store_dtype_follows_bf16_inputs(monkeypatch, dtype, setting, want):
     if setting is None:
         monkeypatch.delenv("LINSCALE_DELTA_STORE", raising=False)
     else:
@@ -52,3 +52,24 @@ def test_scan_tiles(monkeypatch, n_seq, env, want_fwd, want_bwd):
     dev = torch.device("cpu")
     assert delta._scan_bv(n_seq, 16, 128, dev, fwd=True) == want_fwd
     assert delta._scan_bv(n_seq, 16, 128, dev) == want_bwd
+
+
+def test_bf16_only_product_modes(monkeypatch):
+    for name in (
+        "LINSCALE_DELTA_WYBWD_LOWP",
+        "LINSCALE_DELTA_UW_PREC",
+        "LINSCALE_DELTA_SOLVE_PREC",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    class OnCuda:  # what _prec reads of its tensor
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda"), dtype
+
+    assert delta._wybwd_lowp(torch.zeros(1, dtype=torch.bfloat16))
+    assert not delta._wybwd_lowp(torch.zeros(1, dtype=torch.float16))
+    assert delta._prec(OnCuda(torch.bfloat16))["UW_PREC"] == "lowp"
+    assert delta._prec(OnCuda(torch.float16))["UW_PREC"] == "tf32"
+    assert delta._prec(OnCuda(torch.float32)) == {"PREC": "tf32x3", "UW_PREC": "tf32x3"}
+    monkeypatch.setenv("LINSCALE_DELTA_WYBWD_LOWP", "off")
+    assert not delta._wybwd_lowp(torch.zeros(1, dtype=torch.bfloat16))

@@ -22,24 +22,26 @@ backward (A, b, the chunk-start states and delta are kept from the forward)
 
 Accumulation inside the kernels is fp32 (products on tensor cores). For fp32 inputs every
 intermediate is fp32 and the products tf32 (the block combinations of the triangular solve and
-the products with A 3xTF32). For 16-bit inputs (:func:`_store_dtype`) u, w, delta, the
-chunk-start states, their adjoints, the pseudo-value adjoint dd and the inter-chunk gradient
-parts dq, dk, dw are stored in the inputs' dtype, and the products take operands in it (A
-and b stay fp32; the solve runs TF32). On the H100 at 8K x 8 x 16 heads, bf16, this took
-fwd+bwd from 16.5 to 8.4 ms (with the tile and warp defaults below), the worst relative error
+the products with A 3xTF32). For fp16 inputs the intermediates stay fp32 as well and those
+products run TF32 (fp16's range is too narrow for the adjoints; fp16 was not timed). For bf16
+inputs (:func:`_store_dtype`) u, w, delta, the chunk-start states, their adjoints, the
+pseudo-value adjoint dd and the inter-chunk gradient parts dq, dk, dw are stored in bf16 and
+the products take bf16 operands, A included (stored in bf16 once every product that reads it
+rounds it; b stays fp32, the solve runs TF32). On the H100 at 8K x 8 x 16 heads this took
+fwd+bwd from 16.5 to 7.7 ms (with the tile and warp defaults below), the worst relative error
 against the fp32 reference from 3.0e-3 to 3.8e-3 (benchmarks/results/delta_quick_*_h100.json).
 
 Launch settings, read at every call (each is a launch parameter or constexpr, so changing one
 between calls compiles a new variant), invalid values raise ValueError:
-``LINSCALE_DELTA_STORE`` (auto, fp32: fp32 intermediates for 16-bit inputs too),
+``LINSCALE_DELTA_STORE`` (auto, fp32: fp32 intermediates for bf16 inputs too),
 ``LINSCALE_DELTA_WYBWD_LOWP`` (auto, off: tf32 products in the WY backward),
 ``LINSCALE_DELTA_SOLVE_PREC`` / ``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee, and lowp for
 UW; see :func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,DQKW,WYBWD}_WARPS`` (4, 8; the WY backward
-defaults to 4 with 16-bit operands, 8 otherwise), ``LINSCALE_DELTA_SCAN_STAGES`` (1-3),
+defaults to 4 with bf16 operands, 8 otherwise), ``LINSCALE_DELTA_SCAN_STAGES`` (1-3),
 ``LINSCALE_DELTA_SCAN_BV`` (16, 32, 64; both scans), ``LINSCALE_DELTA_SCAN_FWD_BV`` (the
 forward scan's, over the former), ``LINSCALE_DELTA_OUT_BV`` (32, 64, 128; default 64),
 ``LINSCALE_DELTA_DQKW_BV`` (16, 32, 64; default 64
-for 16-bit inputs, 32 for fp32), ``LINSCALE_DELTA_DQKW_BK`` (32, 64, 128; default 64) and
+for bf16 inputs, 32 otherwise), ``LINSCALE_DELTA_DQKW_BK`` (32, 64, 128; default 64) and
 ``LINSCALE_DELTA_WYBWD_BLOCK`` (16, 32, 64: the K and V tile widths of the WY backward,
 default 64, measured fastest on the H100). The dq/dk/w kernel runs one pipeline stage: with
 two (1.5% faster) the H100 gave 1.6% relative error in the layer-0 k/beta projection gradients
@@ -91,34 +93,34 @@ def _prec(x: torch.Tensor) -> dict:
     (``LINSCALE_DELTA_SOLVE_PREC``; default 3xTF32 for fp32 inputs and TF32 for 16-bit ones,
     whose keys are already rounded to 8 bits: TF32 leaves ~5e-4 relative error in A, 3xTF32
     fp32-level error at twice the registers) and ``A (beta v)``, ``A (beta gam k)``
-    (``LINSCALE_DELTA_UW_PREC``; 3xTF32 for fp32 inputs; for 16-bit ones lowp, both operands
-    rounded to the inputs' dtype: u and w are stored in it anyway; also the backward's
+    (``LINSCALE_DELTA_UW_PREC``; 3xTF32 for fp32 inputs, TF32 for fp16 ones, lowp for bf16
+    ones: both operands rounded to bf16, in which u and w are stored anyway; also the backward's
     ``scale (q k^T * D)^T do``). Values: tf32x3, tf32, ieee, and for UW lowp. The interpreter
     takes "ieee"."""
     if x.device.type != "cuda":
         return dict(PREC="ieee", UW_PREC="ieee")
     lowp = x.dtype != torch.float32
     solve = env_setting("LINSCALE_DELTA_SOLVE_PREC", "tf32" if lowp else "tf32x3", _PRECS)
-    uw = env_setting("LINSCALE_DELTA_UW_PREC", "lowp" if lowp else "tf32x3", (*_PRECS, "lowp"))
+    uw_auto = "lowp" if x.dtype == torch.bfloat16 else "tf32" if lowp else "tf32x3"
+    uw = env_setting("LINSCALE_DELTA_UW_PREC", uw_auto, (*_PRECS, "lowp"))
     return dict(PREC=solve, UW_PREC=uw)
 
 
 def _store_dtype(x: torch.Tensor) -> torch.dtype:
     """Storage dtype of the intermediates u, w, delta, the per-chunk states and adjoints, dd
-    and the inter-chunk gradient parts: the inputs' dtype for 16-bit inputs (the kernels'
-    products with them then run in it, fp32 accumulation), fp32 for fp32 inputs. ``LINSCALE_DELTA_STORE=fp32`` keeps them fp32 for
-    16-bit inputs as well (auto, fp32)."""
+    and the inter-chunk gradient parts: bf16 for bf16 inputs (the kernels' products with them
+    then run in it, fp32 accumulation), fp32 for fp32 and fp16 inputs (fp16's range is too
+    narrow for the adjoints). ``LINSCALE_DELTA_STORE=fp32`` keeps them fp32 for
+    bf16 inputs as well (auto, fp32)."""
     mode = env_setting("LINSCALE_DELTA_STORE", "auto", ("auto", "fp32"))
-    if mode == "auto" and x.dtype in (torch.bfloat16, torch.float16):
-        return x.dtype
-    return torch.float32
+    return x.dtype if mode == "auto" and x.dtype == torch.bfloat16 else torch.float32
 
 
 def _wybwd_lowp(x: torch.Tensor) -> bool:
-    """Whether the WY backward rounds its fp32 product operands to the 16-bit input dtype
-    (``LINSCALE_DELTA_WYBWD_LOWP``: auto = yes for 16-bit inputs, off = tf32 products)."""
+    """Whether the WY backward rounds its fp32 product operands to bf16
+    (``LINSCALE_DELTA_WYBWD_LOWP``: auto = yes for bf16 inputs, off = tf32 products)."""
     mode = env_setting("LINSCALE_DELTA_WYBWD_LOWP", "auto", ("auto", "off"))
-    return mode == "auto" and x.dtype in (torch.bfloat16, torch.float16)
+    return mode == "auto" and x.dtype == torch.bfloat16
 
 
 def _warps(name: str, default: int) -> int:
@@ -242,7 +244,7 @@ class _GatedDelta(torch.autograd.Function):
         dbeta = torch.empty_like(beta)
         dg = torch.empty(TT, H, device=dev, dtype=g.dtype) if g is not None else dbeta
         bkb = env_setting("LINSCALE_DELTA_WYBWD_BLOCK", 64, (16, 32, 64))  # its K and V tile widths
-        wlow = _wybwd_lowp(q)  # 16-bit product operands: 4 warps measured faster (spills or not)
+        wlow = _wybwd_lowp(q)  # bf16 product operands: 4 warps measured faster (spills or not)
         wk.delta_wy_bwd_kernel[(nch, H)](
             q, k, v, gf, beta, a, do, dlt, dd, dw, dqp, dkp, dbp, dq, dk, dv, dbeta, dg,
             grp.bos, grp.eos, scale,
