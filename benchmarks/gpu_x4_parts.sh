@@ -5,6 +5,7 @@
 # strong scaling at 128K in total; pp = the 32K pipeline grid of 1F1B against ZBVZeroBubble
 # (pp = 2 with sp = 2, pp = 4) and pp = 1; pp-quick = the 8K pipeline smoke grid; e2e = the
 # one-GPU trainer against the plain PyTorch baseline (GPU 0).
+# SP_ARGS adds sp_scaling.py options to weak / strong (e.g. "--grad-sync ddp,fsdp-keep").
 # Usage (on the device, repo root): bash benchmarks/gpu_x4_parts.sh check weak-serial ...
 set -u
 OUT=${OUT:-/tmp/out}
@@ -28,11 +29,12 @@ for part in "$@"; do
     check) run sp_check ${T_CHECK:-120} $TR benchmarks/gpu_sp_check.py \
       --out "$OUT/gpu_sp_check.json" ;;
     weak) run sp_weak ${T_WEAK:-240} $TR benchmarks/sp_scaling.py \
-      --only ${SP_ONLY:-weak-linear,weak-hybrid} --steps 3 --out "$OUT/sp_weak.json" ;;
+      --only ${SP_ONLY:-weak-linear,weak-hybrid} --steps ${SP_STEPS:-3} ${SP_ARGS:-} \
+      --out "$OUT/sp_weak.json" ;;
     weak-serial) run sp_weak_serial ${T_WEAK:-240} $TR benchmarks/sp_scaling.py \
       --only weak-linear --lasp2-schedule serial --steps 3 --out "$OUT/sp_weak_serial.json" ;;
     strong) run sp_strong ${T_STRONG:-300} $TR benchmarks/sp_scaling.py \
-      --only ${STRONG_ONLY:-strong-linear,strong-hybrid} --steps 3 \
+      --only ${STRONG_ONLY:-strong-linear,strong-hybrid} --steps ${SP_STEPS:-3} ${SP_ARGS:-} \
       --out "$OUT/sp_strong.json" ;;
     pp) run pipeline ${T_PP:-330} $TR benchmarks/pipeline.py --schedules 1F1B,ZBVZeroBubble \
       --only ${PP_ONLY:-pp1-sp4,pp2-sp2,pp4} --warmup 1 --steps 2 --out "$OUT/pipeline.json" ;;

@@ -53,7 +53,11 @@ from models.llama import LinearLlama  # noqa: E402
 from models.presets import get_preset  # noqa: E402
 from parallel._sp_comm import no_comm  # noqa: E402
 from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
-from parallel.data_parallel import allreduce_gradients, reduce_dtype_of  # noqa: E402
+from parallel.data_parallel import (  # noqa: E402
+    allreduce_gradients,
+    apply_fsdp,
+    reduce_dtype_of,
+)
 from parallel.ddp import apply_ddp  # noqa: E402
 from parallel.sequence_parallel import (  # noqa: E402
     apply_sequence_parallel,
@@ -62,6 +66,7 @@ from parallel.sequence_parallel import (  # noqa: E402
 from parallel.sequence_shard import shard_position_ids, shard_sequence  # noqa: E402
 
 K = 1024
+GRAD_SYNCS = ("ddp", "after", "fsdp", "fsdp-keep")
 
 
 def configs(
@@ -72,10 +77,11 @@ def configs(
     buckets: tuple[int, ...] = (25,),
     impls: tuple[str, ...] = ("lasp2", "lasp1"),
     grad_dtypes: tuple[str, ...] = ("fp32",),
+    grad_syncs: tuple[str, ...] = ("ddp",),
 ) -> list[dict]:
     """Every configuration to run, in order (weak, then strong; linear, then hybrid); every SP
-    row once per DDP bucket size in ``buckets`` and gradient-sum dtype in ``grad_dtypes`` (the
-    first of each is the headline's)."""
+    row once per DDP bucket size in ``buckets``, gradient-sum dtype in ``grad_dtypes`` and
+    gradient-sum method in ``grad_syncs`` (the first of each is the headline's)."""
     total = 4 * per_gpu
     sps = [s for s in (1, 2, 4) if s <= world]
     out = []
@@ -92,11 +98,12 @@ def configs(
             for sp in sps:
                 for impl, layout in pairs if sp > 1 else [("none", "contiguous")]:
                     variants = [
-                        (b, d)
+                        (b, d, g)
+                        for g in (grad_syncs if sp > 1 else grad_syncs[:1])
                         for b in (buckets if sp > 1 else buckets[:1])
                         for d in (grad_dtypes if sp > 1 else grad_dtypes[:1])
                     ]
-                    for bucket, grad_dtype in variants:
+                    for bucket, grad_dtype, grad_sync in variants:
                         out.append(
                             {
                                 "group": name,
@@ -107,17 +114,19 @@ def configs(
                                 "seq_len": tokens(sp),
                                 "bucket_mb": bucket,
                                 "grad_dtype": grad_dtype,
+                                "grad_sync": grad_sync,
                             }
                         )
     return out
 
 
-def build_model(model: str, size: str, device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def model_args(model: str, size: str):
+    """The LinearLlama arguments of a group's model (``linear``: pattern L, ``hybrid``: LLLN)."""
     pattern = "L" if model == "linear" else "LLLN"
     if size == "cpu":
-        args = get_preset("tiny", dim=64, n_layers=4, n_heads=2, ffn_dim=128, layer_pattern=pattern)
-    elif size == "quick":
-        args = get_preset(
+        return get_preset("tiny", dim=64, n_layers=4, n_heads=2, ffn_dim=128, layer_pattern=pattern)
+    if size == "quick":
+        return get_preset(
             "linear-llama3-1b",
             dim=512,
             n_layers=4,
@@ -127,21 +136,61 @@ def build_model(model: str, size: str, device) -> tuple[torch.nn.Module, torch.o
             vocab_size=32000,
             layer_pattern=pattern,
         )
-    else:
-        args = get_preset("linear-llama3-1b", layer_pattern=pattern)
+    return get_preset("linear-llama3-1b", layer_pattern=pattern)
+
+
+def build_model(
+    model: str, size: str, device, shard=None
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model with full per-block checkpointing and its fused AdamW; ``shard(m)``, when
+    given, is applied (FSDP) before the optimizer is built on the resulting parameters."""
     torch.manual_seed(0)
     with torch.device(device):
-        m = LinearLlama(args)
+        m = LinearLlama(model_args(model, size))
     apply_activation_checkpointing(m, mode="full")
+    if shard is not None:
+        shard(m)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=device.type == "cuda")
     return m, opt
 
 
-def model_flops(m: LinearLlama, tokens: int, seq_len: int) -> float:
-    a = m.args
-    n_params = sum(p.numel() for p in m.parameters())
-    n_softmax = a.layer_kinds().count("N")
-    return 6.0 * n_params * tokens + 6.0 * n_softmax * a.dim * seq_len**2
+class ModelCache:
+    """At most one model on the device: the unsharded model of the current group is reused
+    from row to row; a sharded one is always fresh (FSDP cannot be undone) and evicts it."""
+
+    def __init__(self, size: str, device):
+        self.size, self.device = size, device
+        self.kind: str | None = None
+        self.built: tuple | None = None
+
+    def clear(self) -> None:
+        self.built = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def for_model(self, kind: str):
+        """The ``get_model(shard=None)`` of ``run_config`` for model kind ``kind``."""
+
+        def get_model(shard=None):
+            if shard is not None:
+                self.clear()
+                return build_model(kind, self.size, self.device, shard)
+            if self.built is None or self.kind != kind:
+                self.clear()
+                self.kind, self.built = kind, build_model(kind, self.size, self.device)
+            return self.built
+
+        return get_model
+
+
+def model_flops(args, seq_len: int) -> float:
+    """Model FLOPs of one step on one ``seq_len``-token sequence (the formula in the docstring;
+    the parameters are counted on the meta device)."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in LinearLlama(args).parameters())
+    n_softmax = args.layer_kinds().count("N")
+    return 6.0 * n_params * seq_len + 6.0 * n_softmax * args.dim * seq_len**2
 
 
 def _sync(device) -> None:
@@ -163,11 +212,15 @@ def time_steps(
     autocast: bool,
     ddp=None,
     grad_dtype: str = "fp32",
-) -> list[float]:
-    """Seconds per step on this rank (after ``warmup`` untimed steps).
+    fsdp: bool = False,
+) -> tuple[list[float], float]:
+    """Seconds per step on this rank (after ``warmup`` untimed steps) and the last step's loss
+    (the reference runs without collectives compute wrong values: a non-finite loss there
+    would make their kernels run on NaNs, whose timing is not representative).
 
     With ``ddp`` (a DistributedDataParallel wrapper of ``m`` over the SP group) the gradient
-    sum overlaps the backward; otherwise it follows it (bucketed all-reduce, as the trainer).
+    sum overlaps the backward; with ``fsdp`` (``m`` sharded by FSDP2) its reduce-scatter does;
+    otherwise it follows it (bucketed all-reduce).
     """
     tokens, labels, pos, total = batch
     params = [p for p in m.parameters()]
@@ -185,14 +238,14 @@ def time_steps(
             hidden = (ddp or m)(tokens, position_ids=pos)
             loss = m.loss(hidden, labels) / total
             loss.backward()
-        if grad_comm and group is not None and ddp is None:
+        if grad_comm and group is not None and ddp is None and not fsdp:
             allreduce_gradients(params, group, reduce_dtype=reduce_dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+    return times, float(loss.detach())
 
 
 def sp_batch(m, T: int, *, rank: int, sp: int, layout: str, device) -> tuple:
@@ -209,23 +262,46 @@ def sp_batch(m, T: int, *, rank: int, sp: int, layout: str, device) -> tuple:
     )
 
 
-def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
+def run_config(cfg, get_model, rank, groups, args, device) -> dict:
+    """Time one configuration on this rank. ``get_model(shard=None)`` returns the (cached,
+    unsharded) model and optimizer, or with ``shard`` a fresh model sharded by it."""
     sp, layout = cfg["sp"], cfg["layout"]
     group = groups.get(sp)
-    remove_sequence_parallel(m)
-    if sp > 1:
-        apply_sequence_parallel(
+    sync = cfg.get("grad_sync", "ddp") if sp > 1 else "none"
+
+    def with_sp(m):
+        remove_sequence_parallel(m)
+        if sp > 1:
+            apply_sequence_parallel(
+                m,
+                group=group,
+                layout=layout,
+                linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2",
+                lasp2_schedule=args.lasp2_schedule,
+            )
+        return m
+
+    def shard(m):
+        # SP first, then FSDP2 over the SP group (the trainer's order, parallelize_model).
+        from torch.distributed.device_mesh import DeviceMesh
+
+        with_sp(m)
+        apply_fsdp(
             m,
-            group=group,
-            layout=layout,
-            linear_impl="lasp1" if cfg["impl"] == "lasp1" else "lasp2",
-            lasp2_schedule=args.lasp2_schedule,
+            DeviceMesh.from_group(group, device.type),
+            reshard_after_forward=sync == "fsdp",
+            reduce_dtype=reduce_dtype_of(cfg["grad_dtype"]),
         )
+
+    fsdp = sync in ("fsdp", "fsdp-keep")
+    m, opt = get_model(shard if fsdp else None)
+    if not fsdp:
+        with_sp(m)
     batch = sp_batch(m, cfg["seq_len"], rank=rank, sp=sp, layout=layout, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ddp = None
-    if sp > 1 and args.grad_sync == "ddp":
+    if sync == "ddp":
         # The trainer's DDP (SUM comm hook), buckets of --bucket-mb.
         ddp = apply_ddp(
             m, group, bucket_mb=cfg["bucket_mb"], reduce_dtype=reduce_dtype_of(cfg["grad_dtype"])
@@ -236,14 +312,27 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
         "autocast": device.type == "cuda",
         "ddp": ddp,
         "grad_dtype": cfg["grad_dtype"],
+        "fsdp": fsdp,
     }
-    real = time_steps(
+    real, loss_real = time_steps(
         m, opt, batch, n=args.steps, warmup=args.warmup, sp_comm=True, grad_comm=True, **common
     )
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     n_aux = max(2, args.steps // 2)
-    nosp = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=True, **common)
-    nocomm = time_steps(m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False, **common)
+    nosp, loss_nosp = time_steps(
+        m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=True, **common
+    )
+    if fsdp:
+        # FSDP's collectives cannot be switched off: the compute-only reference runs on the
+        # unsharded model (same compute, no gradient sum).
+        del m, opt, common
+        gc.collect()
+        m, opt = get_model(None)
+        with_sp(m)
+        common = {"group": group, "device": device, "autocast": device.type == "cuda"}
+    nocomm, loss_nocomm = time_steps(
+        m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False, **common
+    )
     del ddp, common  # the reducer's gradient hooks go with it
     gc.collect()
     return {
@@ -251,6 +340,7 @@ def run_config(cfg, m, opt, rank, groups, args, device) -> dict:
         "step_nosp_s": statistics.median(nosp),
         "step_nocomm_s": statistics.median(nocomm),
         "peak_mem_gb": peak,
+        "loss": [loss_real, loss_nosp, loss_nocomm],
     }
 
 
@@ -273,6 +363,7 @@ def summarise(cfg: dict, per_rank: list[dict], flops: float, peak_tflops: float)
         tokens_per_s_per_gpu=T / step / sp,
         mfu=flops / (step * sp * peak_tflops * 1e12),
         peak_mem_gb=max(r["peak_mem_gb"] for r in per_rank),
+        rank_losses=[r["loss"] for r in per_rank],
     )
     return row
 
@@ -292,7 +383,7 @@ def print_row(r: dict) -> None:
         f"MFU {r['mfu']:.3f}  mem {r['peak_mem_gb']:5.1f} GB  "
         f"exposed SP {r['exposed_sp_comm_pct']:5.2f}%  all {r['exposed_all_comm_pct']:5.2f}%  "
         f"imbalance {r['imbalance']:.3f}  bucket {r.get('bucket_mb', '-')} MB "
-        f"grads {r.get('grad_dtype', 'fp32')}",
+        f"grads {r.get('grad_dtype', 'fp32')} {r.get('grad_sync', 'ddp')}",
         flush=True,
     )
 
@@ -301,23 +392,25 @@ def headline(rows: list[dict]) -> dict:
     """Weak-scaling efficiency, LASP-2 / LASP-1 speed and worst exposed communication."""
     ok = [r for r in rows if "error" not in r]
     out: dict = {}
+
     # Extra bucket sizes and gradient dtypes get their own efficiency entries; the rest uses
     # the first of each.
-    first_b = ok[0].get("bucket_mb") if ok else None
-    first_d = ok[0].get("grad_dtype", "fp32") if ok else None
-    for r in ok:
-        b, d = r.get("bucket_mb", first_b), r.get("grad_dtype", "fp32")
+    def variant(r):
+        return r.get("bucket_mb"), r.get("grad_dtype", "fp32"), r.get("grad_sync", "ddp")
+
+    sp_ok = [r for r in ok if r["sp"] > 1]
+    first = variant(sp_ok[0]) if sp_ok else None
+    for r in sp_ok:
+        v = variant(r)
         base = next((x for x in ok if x["group"] == r["group"] and x["sp"] == 1), None)
-        if (b, d) != (first_b, first_d) and base and r["impl"] == "lasp2":
+        if v != first and base and r["impl"] == "lasp2":
             kind = r["group"].split("-")[0]  # weak or strong
             key = f"{kind}_eff_{r['model']}_sp{r['sp']}_{r['layout']}"
-            key += (f"_bucket{b}" if b != first_b else "") + (f"_{d}" if d != first_d else "")
+            key += f"_bucket{v[0]}" if v[0] != first[0] else ""
+            key += f"_{v[1]}" if v[1] != first[1] else ""
+            key += f"_{v[2]}" if v[2] != first[2] else ""
             out[key] = r["mfu"] / base["mfu"]
-    ok = [
-        r
-        for r in ok
-        if (r.get("bucket_mb", first_b), r.get("grad_dtype", "fp32")) == (first_b, first_d)
-    ]
+    ok = [r for r in ok if r["sp"] == 1 or variant(r) == first]
     for model in ("linear", "hybrid"):
         weak = {
             (r["sp"], r["layout"]): r
@@ -354,6 +447,7 @@ def markdown_table(path: str) -> str:
     data = json.loads(Path(path).read_text())
     buckets = len({r.get("bucket_mb") for r in data["rows"]})
     dtypes = len({r.get("grad_dtype", "fp32") for r in data["rows"]})
+    syncs = len({r.get("grad_sync", "ddp") for r in data["rows"] if r["sp"] > 1})
     lines = [
         f"{data['meta']['card']} x{data['meta']['world']}, torch {data['meta']['torch']}, "
         f"{data['meta']['date'][:10]}",
@@ -374,6 +468,8 @@ def markdown_table(path: str) -> str:
             tags.append(f"{r['bucket_mb']} MB")
         if dtypes > 1 and r["sp"] > 1:
             tags.append(f"{r.get('grad_dtype', 'fp32')} grads")
+        if syncs > 1 and r["sp"] > 1:
+            tags.append(r.get("grad_sync", "ddp"))
         impl = r["impl"] + (f" ({', '.join(tags)})" if tags else "")
         lines.append(
             f"| {r['group']} | {r['sp']} | {impl} | {r['layout']} | {r['seq_len'] // K}K | "
@@ -418,10 +514,12 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=729.0)
     p.add_argument(
         "--grad-sync",
-        choices=("ddp", "after"),
         default="ddp",
-        help="gradient sum over the SP group: DDP (overlapped with the backward) "
-        "or a bucketed all-reduce after it (the trainer's way)",
+        help="gradient sum over the SP group, a comma list (each SP row once per method; the "
+        "first feeds the headline): ddp (overlapped with the backward, the trainer's default), "
+        "after (a bucketed all-reduce after the backward), fsdp (FSDP2 over the SP group, "
+        "parallel.fsdp: blocks gathered again for the backward), fsdp-keep (FSDP2, blocks kept "
+        "gathered from forward to backward)",
     )
     p.add_argument(
         "--lasp2-schedule",
@@ -459,7 +557,6 @@ def main() -> None:
 
         meta["triton"] = triton.__version__
     rows: list[dict] = []
-    built: tuple | None = None
     size = "cpu" if args.cpu else ("quick" if args.quick else "full")
     per_gpu = {"cpu": 64, "quick": 4 * K, "full": 32 * K}[size]
     layouts = tuple(x for x in args.hybrid_layouts.split(",") if x)
@@ -480,23 +577,21 @@ def main() -> None:
     grad_dtypes = tuple(x for x in args.grad_dtypes.split(",") if x)
     if not grad_dtypes or set(grad_dtypes) - {"fp32", "bf16"}:
         raise SystemExit(f"--grad-dtypes takes fp32 and/or bf16, got {args.grad_dtypes!r}")
-    for cfg in configs(world, per_gpu, only, layouts, buckets, impls, grad_dtypes):
-        if built is None or built[0] != cfg["model"]:
-            built = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            built = (cfg["model"], *build_model(cfg["model"], size, device))
-        _, m, opt = built
+    grad_syncs = tuple(x for x in args.grad_sync.split(",") if x)
+    if not grad_syncs or set(grad_syncs) - set(GRAD_SYNCS):
+        raise SystemExit(
+            f"--grad-sync takes a comma list of {', '.join(GRAD_SYNCS)}, got {args.grad_sync!r}"
+        )
+    cache = ModelCache(size, device)
+    todo = configs(world, per_gpu, only, layouts, buckets, impls, grad_dtypes, grad_syncs)
+    for cfg in todo:
         res: dict = {}
         if rank < cfg["sp"]:
             try:
-                res = run_config(cfg, m, opt, rank, groups, args, device)
+                res = run_config(cfg, cache.for_model(cfg["model"]), rank, groups, args, device)
             except torch.cuda.OutOfMemoryError as e:  # sp = 1 only can be caught safely
                 res = {"error": f"OOM: {str(e)[:200]}"}
-                opt.zero_grad(set_to_none=True)
-                gc.collect()
-                torch.cuda.empty_cache()
+                cache.clear()
         gathered = [None] * world
         dist.all_gather_object(gathered, res)
         if rank == 0:
@@ -506,7 +601,10 @@ def main() -> None:
                 dict(cfg, error=errs[0])
                 if errs
                 else summarise(
-                    cfg, part, model_flops(m, cfg["seq_len"], cfg["seq_len"]), args.peak_tflops
+                    cfg,
+                    part,
+                    model_flops(model_args(cfg["model"], size), cfg["seq_len"]),
+                    args.peak_tflops,
                 )
             )
             rows.append(row)

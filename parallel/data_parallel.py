@@ -80,28 +80,26 @@ def allreduce_gradients(
 
 def apply_fsdp(
     model: nn.Module,
-    dims,
+    mesh,
     *,
-    reshard_after_forward: bool | None = None,
+    reshard_after_forward: bool = True,
     reduce_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Shard ``model`` (a LinearLlama or a pipeline stage of one) with FSDP2 over ``dp_sp``.
+    """Shard ``model`` (a LinearLlama or a pipeline stage of one) with FSDP2 over ``mesh``.
 
     Each block in ``model.layers`` is its own FSDP unit, the rest (embedding, norm, head) the
-    root's. Gradients are summed over ``dp x sp`` by the reduce-scatter (divide factor 1), so
-    the trainer must not all-reduce them again. Parameters become DTensors sharded on dim 0.
+    root's. Gradients are summed over the mesh by the reduce-scatter (divide factor 1), so the
+    trainer must not all-reduce them again. Parameters become DTensors sharded on dim 0.
 
     Args:
-        dims: a :class:`dist.parallel_dims.ParallelDims` with its mesh built.
-        reshard_after_forward: free the gathered blocks after forward; default: yes without
-            PP, no with PP (each microbatch would gather them again).
+        mesh: the 1-D DeviceMesh of the replicas (``ParallelDims.submesh("dp_sp")``).
+        reshard_after_forward: free the gathered blocks after forward (ZeRO-3: gathered again
+            for the backward); False keeps them from forward to backward (one gather per step;
+            with PP, one per step instead of one per microbatch).
         reduce_dtype: dtype of the gradient reduce-scatter (None: the parameters' fp32).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = dims.submesh("dp_sp")
-    if reshard_after_forward is None:
-        reshard_after_forward = not dims.pp_enabled
     mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)

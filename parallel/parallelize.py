@@ -22,11 +22,13 @@ def parallelize_model(
     checkpoint_every: int = 2,
     lasp2_schedule: str = "overlap",
     fsdp: bool = False,
+    fsdp_reshard_after_forward: bool | None = None,
     grad_reduce_dtype: str = "fp32",
     compile: bool = False,
 ) -> nn.Module:
     """Parallelise ``model`` (one module; a pipeline stage or the whole model) in place.
-    ``grad_reduce_dtype`` (fp32 | bf16) is FSDP's reduce-scatter dtype."""
+    ``grad_reduce_dtype`` (fp32 | bf16) is FSDP's reduce-scatter dtype;
+    ``fsdp_reshard_after_forward`` None means yes without PP and no with it."""
     if dims.sp_enabled:
         from parallel.sequence_parallel import apply_sequence_parallel
 
@@ -41,5 +43,13 @@ def parallelize_model(
     if fsdp and dims.world_size > 1:
         from parallel.data_parallel import apply_fsdp, reduce_dtype_of
 
-        apply_fsdp(model, dims, reduce_dtype=reduce_dtype_of(grad_reduce_dtype))
+        reshard = fsdp_reshard_after_forward
+        if reshard is None:
+            reshard = not dims.pp_enabled
+        apply_fsdp(
+            model,
+            dims.submesh("dp_sp"),
+            reshard_after_forward=reshard,
+            reduce_dtype=reduce_dtype_of(grad_reduce_dtype),
+        )
     return model
