@@ -103,8 +103,11 @@ def _verdict(shard, full, ref, single, sp) -> dict:
     }
 
 
-def check_variant(variant, layout, sp, rank, group, args, device) -> dict:
+def check_variant(variant, layout, sp, rank, group, args, device, schedule=None) -> dict:
+    """One op under LASP-2 (``schedule`` None: the function's default, overlap; "serial": the
+    trainer's default, inside the Triton op for linear / scalar / GLA) against one GPU."""
     sp_op, chunk, gates = VARIANTS[variant]
+    kw = {} if schedule is None else {"schedule": schedule}
     T = args.t_local * sp
     full = inputs(variant, 1, T, args.heads, args.head_dim, device)
     w = torch.randn(
@@ -121,7 +124,7 @@ def check_variant(variant, layout, sp, rank, group, args, device) -> dict:
     o16, g16 = run_and_grads(call(lambda *a: chunk(*a)[0]), full, w, torch.bfloat16)
     shard = lambda t: shard_sequence(t, dim=1, rank=rank, world=sp, layout=layout)
     osp, gsp = run_and_grads(
-        call(lambda *a: sp_op(*a, group=group, layout=layout)),
+        call(lambda *a: sp_op(*a, group=group, layout=layout, **kw)),
         {k: shard(t) for k, t in full.items()},
         shard(w),
         torch.bfloat16,
@@ -192,7 +195,7 @@ def check_model(variant, layout, sp, rank, group, args, device) -> dict:
         return loss.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
     loss1, grad1 = loss_grads(tokens, labels, None)
-    apply_sequence_parallel(model, group=group, layout=layout)
+    apply_sequence_parallel(model, group=group, layout=layout, lasp2_schedule="serial")
     kw = {"rank": rank, "world": sp, "layout": layout}
     loss_sp, grad_sp = loss_grads(
         shard_sequence(tokens, dim=1, **kw),
@@ -250,6 +253,14 @@ def main() -> None:
         cases = [
             (f"lasp2-{v}-{lay}", functools.partial(check_variant, v, lay))
             for v in VARIANTS
+            for lay in ("contiguous", "zigzag")
+        ]
+        cases += [
+            (
+                f"lasp2-serial-{v}-{lay}",
+                functools.partial(check_variant, v, lay, schedule="serial"),
+            )
+            for v in ("linear", "scalar", "gla")
             for lay in ("contiguous", "zigzag")
         ]
         cases += [

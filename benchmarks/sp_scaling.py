@@ -262,6 +262,24 @@ def sp_batch(m, T: int, *, rank: int, sp: int, layout: str, device) -> tuple:
     )
 
 
+@contextlib.contextmanager
+def lasp2_fused_for(impl: str):
+    """``lasp2-sep`` rows run LASP-2 with its state products outside the op
+    (``LINSCALE_LASP2_FUSED=off``); the others keep the environment's setting."""
+    if impl != "lasp2-sep":
+        yield
+        return
+    prev = os.environ.get("LINSCALE_LASP2_FUSED")
+    os.environ["LINSCALE_LASP2_FUSED"] = "off"
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("LINSCALE_LASP2_FUSED")
+        else:
+            os.environ["LINSCALE_LASP2_FUSED"] = prev
+
+
 def run_config(cfg, get_model, rank, groups, args, device) -> dict:
     """Time one configuration on this rank. ``get_model(shard=None)`` returns the (cached,
     unsharded) model and optimizer, or with ``shard`` a fresh model sharded by it."""
@@ -403,9 +421,10 @@ def headline(rows: list[dict]) -> dict:
     for r in sp_ok:
         v = variant(r)
         base = next((x for x in ok if x["group"] == r["group"] and x["sp"] == 1), None)
-        if v != first and base and r["impl"] == "lasp2":
+        if (v != first or r["impl"] == "lasp2-sep") and base and r["impl"].startswith("lasp2"):
             kind = r["group"].split("-")[0]  # weak or strong
             key = f"{kind}_eff_{r['model']}_sp{r['sp']}_{r['layout']}"
+            key += "_sep" if r["impl"] == "lasp2-sep" else ""
             key += f"_bucket{v[0]}" if v[0] != first[0] else ""
             key += f"_{v[1]}" if v[1] != first[1] else ""
             key += f"_{v[2]}" if v[2] != first[2] else ""
@@ -502,7 +521,12 @@ def main() -> None:
         "first feeds the headline; a size over the model's gradients is one all-reduce at the "
         "end of the backward)",
     )
-    p.add_argument("--impls", default="lasp2,lasp1", help="linear groups' SP impls")
+    p.add_argument(
+        "--impls",
+        default="lasp2,lasp1",
+        help="linear groups' SP impls: lasp2, lasp2-sep (LASP-2 with its state products "
+        "outside the op, LINSCALE_LASP2_FUSED=off), lasp1 (the ring)",
+    )
     p.add_argument(
         "--grad-dtypes",
         default="fp32",
@@ -572,8 +596,8 @@ def main() -> None:
     impls = tuple(x for x in args.impls.split(",") if x)
     if not buckets or min(buckets) < 1:
         raise SystemExit(f"--bucket-mb takes positive integers, got {args.bucket_mb!r}")
-    if not impls or set(impls) - {"lasp2", "lasp1"}:
-        raise SystemExit(f"--impls takes lasp2 and/or lasp1, got {args.impls!r}")
+    if not impls or set(impls) - {"lasp2", "lasp2-sep", "lasp1"}:
+        raise SystemExit(f"--impls takes lasp2, lasp2-sep and/or lasp1, got {args.impls!r}")
     grad_dtypes = tuple(x for x in args.grad_dtypes.split(",") if x)
     if not grad_dtypes or set(grad_dtypes) - {"fp32", "bf16"}:
         raise SystemExit(f"--grad-dtypes takes fp32 and/or bf16, got {args.grad_dtypes!r}")
@@ -588,7 +612,8 @@ def main() -> None:
         res: dict = {}
         if rank < cfg["sp"]:
             try:
-                res = run_config(cfg, cache.for_model(cfg["model"]), rank, groups, args, device)
+                with lasp2_fused_for(cfg["impl"]):
+                    res = run_config(cfg, cache.for_model(cfg["model"]), rank, groups, args, device)
             except torch.cuda.OutOfMemoryError as e:  # sp = 1 only can be caught safely
                 res = {"error": f"OOM: {str(e)[:200]}"}
                 cache.clear()

@@ -87,7 +87,13 @@ class ParallelConfig:
     pp_stages_per_rank: int = 1
     """Virtual stages per rank (2 for the interleaved and V schedules)."""
     fsdp: bool = False
-    """Shard parameters and optimizer state over the data-parallel axis with FSDP2."""
+    """Shard parameters, gradients and optimizer state over dp x sp with FSDP2 (each rank steps
+    its shard of the optimizer; the gradient sum becomes a reduce-scatter)."""
+    fsdp_reshard_after_forward: bool | None = None
+    """FSDP2: free each block's gathered parameters after its forward and gather them again for
+    its backward (true, least memory), or keep them from forward to backward (false: one
+    gather per step; 731 against 740 ms per step at sp = 4 on 4 x H100, benchmarks/README.md).
+    Default (null): true without PP, false with it."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """dtype in which gradients are summed over dp x sp (DDP, the all-reduce after the
     backward, FSDP's reduce-scatter): fp32 (exact to fp32 rounding: parallel runs match one

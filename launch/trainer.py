@@ -143,6 +143,7 @@ class Trainer:
                 checkpoint_every=p.checkpoint_every,
                 lasp2_schedule=p.lasp2_schedule,
                 fsdp=p.fsdp,
+                fsdp_reshard_after_forward=p.fsdp_reshard_after_forward,
                 grad_reduce_dtype=p.grad_reduce_dtype,
                 compile=t.compile,
             )

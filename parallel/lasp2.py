@@ -21,12 +21,14 @@ AllGather, of ``dL/dS_in``. Sizes never depend on T.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from models.env_settings import env_setting
 from parallel._sp_comm import Pending, all_gather_async, group_info
 from parallel.kv_state import kv_state
 from parallel.sequence_shard import (
@@ -224,6 +226,59 @@ class _FinishGather(torch.autograd.Function):
         return d_s_in.new_zeros(ctx.shape), None
 
 
+class _OpExchange:
+    """The LASP-2 exchange that runs inside the op (``models.ops.exchange_op``): the op hands
+    over its slices' pieces and receives their incoming states (forward), and hands over the
+    gradients of those states and receives the gradients of the states leaving its slices
+    (backward): one AllGather each way, as in the autograd pair above."""
+
+    def __init__(self, st: _FoldState, n: int, B: int):
+        self.st, self.n, self.B = st, n, B
+
+    def forward(self, A: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
+        """A ``[n * B, H(, K)]`` or None, M ``[n * B, H, K, V]`` -> S_in ``[n * B, H, K, V]``."""
+        st = self.st
+        pieces = _pack(A, M).unflatten(0, (self.n, self.B))
+        st.gathered = all_gather_async(pieces, st.group).wait()
+        st.s_in = _fold_forward(st, st.gathered)
+        return st.s_in.flatten(0, 1)
+
+    def backward(self, d_s_in: torch.Tensor) -> torch.Tensor:
+        """dL/dS_in from this rank's outputs ``[n * B, H, K, V]`` -> dL/d(state leaving each
+        slice), from the later slices of every rank."""
+        st = self.st
+        d = all_gather_async(d_s_in.unflatten(0, (self.n, self.B)), st.group).wait()
+        grads = _fold_backward(st, d)  # [n, B, H, F]: (dA, dM) packed; dA is the op's business
+        return st.unpack(grads)[1].flatten(0, 1)
+
+
+LASP2_FUSED = ("auto", "off")
+
+
+def _exchange_op(family: str, op, x: torch.Tensor):
+    """The op's exchange form (``models.ops.exchange_op``) when ``op`` is the family's
+    ``models.ops`` op (plain, or with only ``backend`` bound) on the Triton kernels and
+    ``LINSCALE_LASP2_FUSED`` is ``auto`` (the default; ``off`` keeps the separate state
+    products); else None."""
+    if (
+        family == "gated_delta_rule"
+        or env_setting("LINSCALE_LASP2_FUSED", "auto", LASP2_FUSED) == "off"
+    ):
+        return None
+    import models.ops as ops
+
+    base = getattr(ops, _OP_NAMES[family], None)
+    if op is base:
+        backend = "auto"
+    elif isinstance(op, functools.partial) and op.func is base and not op.args:
+        if set(op.keywords) - {"backend"}:
+            return None
+        backend = op.keywords.get("backend", "auto")
+    else:
+        return None
+    return ops.exchange_op(_OP_NAMES[family], x, backend)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Dtype of the T-long matmuls (M, cross term): the input's when it is 16-bit (tensor cores
     with fp32 accumulation, like the kernels' own ``q S`` products), else the state dtype."""
@@ -299,6 +354,12 @@ def _lasp2(
     qs, ks, vs = (split_slots(t, n) for t in (q, k, v))
     gs = tuple(None if t is None else split_slots(t, n) for t in gates)
     B = q.shape[0]
+    fused = _exchange_op(family, op, q) if schedule == "serial" else None
+    if fused is not None:
+        gate = gs[0]
+        kind = "none" if gate is None else ("scalar" if family == "linear_attn" else "vector")
+        ex = _OpExchange(_FoldState(kind, K, V, rank, world, layout, group), n, B)
+        return merge_slots(fused(qs, ks, vs, gate, scale=scale, exchange=ex), n)
     if family == "gated_delta_rule":
         kind = "matrix"
         # One op call gives o_intra, q' = scale q P, M and A: values [v | 0], state [0 | I].

@@ -250,6 +250,7 @@ def build_pipeline(
         "checkpoint_every": p.checkpoint_every,
         "lasp2_schedule": p.lasp2_schedule,
         "grad_reduce_dtype": p.grad_reduce_dtype,
+        "fsdp_reshard_after_forward": p.fsdp_reshard_after_forward,
         "compile": cfg.training.compile,
     }
     # All stages first (the last one may copy the embedding), then parallelise each.

@@ -37,6 +37,7 @@ __all__ = [
     "naive_gla",
     "naive_gated_delta_rule",
     "triton_available",
+    "exchange_op",
 ]
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -101,6 +102,28 @@ def _dispatch(name: str, backend: str, q: torch.Tensor, *args, **kwargs):
     fn = _pick(name, q, backend)
     with _no_autocast(q):
         return fn(q, *args, **kwargs)
+
+
+def exchange_op(name: str, x: torch.Tensor, backend: str = "auto"):
+    """The state-exchange form of op ``name`` (``chunk_linear_attn`` or ``chunk_gla``) when
+    ``backend`` picks the Triton kernels for ``x``, else None (the reference has none).
+
+    It is called as ``o = fn(q, k, v, gate, *, scale, exchange)``: the op computes each
+    sequence's state from zero and total decay, asks ``exchange`` for its incoming states and
+    runs from them, and mirrors that in the backward (LASP-2's serial schedule inside the op,
+    with no extra pass over the tokens; :mod:`models.ops.triton_ops.nondelta`)."""
+    if name not in ("chunk_linear_attn", "chunk_gla"):
+        raise ValueError(f"exchange_op: {name!r} has no exchange form")
+    fn = _pick(name, x, backend)
+    if fn is getattr(reference, name):
+        return None
+    inner = getattr(_triton_module(), f"{name}_exchange")
+
+    def run(q, *args, **kwargs):
+        with _no_autocast(q):
+            return inner(q, *args, **kwargs)
+
+    return run
 
 
 def chunk_linear_attn(

@@ -53,7 +53,7 @@ def _launch_opts(dtype, *tiles: int) -> dict:
 
 class _NonDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, gate, output_final_state):
+    def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, gate, output_final_state, exchange):
         B, T, H, K = q.shape
         V = v.shape[-1]
         TT = B * T
@@ -97,25 +97,35 @@ class _NonDelta(torch.autograd.Function):
             **_launch_opts(q.dtype, bk * sbv),
         )
         hs = torch.empty(G, H, K, V, **f32)
-        ht = torch.empty(N, H, K, V, **f32) if output_final_state else hs
-        h0c = h0.contiguous() if h0 is not None else hs
-        kern.group_scan_kernel[(nk * nv, N, H)](
-            m,
-            dl,
-            h0c,
-            hs,
-            ht,
-            grp.seq_g0,
-            H=H,
-            K=K,
-            V=V,
-            BK=bk,
-            BV=bv,
-            GATE=gate,
-            REVERSE=False,
-            HAS_H0=h0 is not None,
-            STORE_FINAL=output_final_state,
-        )
+
+        def scan(h_in, final):
+            kern.group_scan_kernel[(nk * nv, N, H)](
+                m,
+                dl,
+                h_in if h_in is not None else hs,
+                hs,
+                final if final is not None else hs,
+                grp.seq_g0,
+                H=H,
+                K=K,
+                V=V,
+                BK=bk,
+                BV=bv,
+                GATE=gate,
+                REVERSE=False,
+                HAS_H0=h_in is not None,
+                STORE_FINAL=final is not None,
+            )
+
+        ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+        if exchange is not None:
+            # Each sequence's state from zero (M) and its total decay (A) go to the exchange,
+            # which returns the incoming states; the scan then runs again from them.
+            M = torch.empty(N, H, K, V, **f32)
+            scan(None, M)
+            A = None if gate == 0 else g.float().sum(1).exp()
+            h0 = exchange.forward(A, M).contiguous()
+        scan(h0.contiguous() if h0 is not None else None, ht)
         o = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
         kern.fwd_o_kernel[(nv, G, H)](
             q,
@@ -137,7 +147,8 @@ class _NonDelta(torch.autograd.Function):
             GATE=gate,
             **_launch_opts(q.dtype, bkf * bv, bt * bkf),
         )
-        ctx.save_for_backward(q, k, v, gf, h0, a, hs, dl)
+        ctx.exchange = exchange
+        ctx.save_for_backward(q, k, v, gf, None if exchange is not None else h0, a, hs, dl)
         ctx.meta = (
             B,
             T,
@@ -186,24 +197,35 @@ class _NonDelta(torch.autograd.Function):
         )
         he = torch.empty(G, H, K, V, **f32)
         dh0 = torch.empty(N, H, K, V, **f32)
-        dhtc = dht.contiguous().float() if dht is not None else he
-        kern.group_scan_kernel[(nk * nv, N, H)](
-            dm,
-            dl,
-            dhtc,
-            he,
-            dh0,
-            grp.seq_g0,
-            H=H,
-            K=K,
-            V=V,
-            BK=bk,
-            BV=bv,
-            GATE=gate,
-            REVERSE=True,
-            HAS_H0=dht is not None,
-            STORE_FINAL=True,
-        )
+
+        def scan(d_final, store_dh0):
+            kern.group_scan_kernel[(nk * nv, N, H)](
+                dm,
+                dl,
+                d_final if d_final is not None else he,
+                he,
+                dh0,
+                grp.seq_g0,
+                H=H,
+                K=K,
+                V=V,
+                BK=bk,
+                BV=bv,
+                GATE=gate,
+                REVERSE=True,
+                HAS_H0=d_final is not None,
+                STORE_FINAL=store_dh0,
+            )
+
+        dht = dht.contiguous().float() if dht is not None else None
+        if ctx.exchange is not None:
+            # The gradient of each incoming state from this op's outputs goes to the exchange,
+            # which returns the gradient of the state leaving each sequence (from the later
+            # ones); the reverse scan then runs again from it. With it, the gate gradient below
+            # also covers the total decay A handed to the exchange.
+            scan(None, True)
+            dht = ctx.exchange.backward(dh0).contiguous()
+        scan(dht, ctx.exchange is None)
         dqi = dki = q
         if gate == 2:
             dqi, dki = gla_intra_grads(q, k, v, gf, do, cgrp, scale, bkf, bvf)
@@ -307,7 +329,7 @@ class _NonDelta(torch.autograd.Function):
         dq = dq.view(B, T, H, K)
         dk = dk.view(B, T, H, K)
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
-        return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None
+        return dq, dk, dv.view(B, T, H, V), dgo, dh0, None, None, None, None, None
 
 
 def nondelta_attn(
@@ -321,15 +343,40 @@ def nondelta_attn(
     initial_state=None,
     output_final_state=False,
     cu_seqlens=None,
+    exchange=None,
 ):
-    """Shared entry of chunk_linear_attn (gate 0 or 1) and chunk_gla (gate 2); returns (o, ht)."""
+    """Shared entry of chunk_linear_attn (gate 0 or 1) and chunk_gla (gate 2); returns (o, ht).
+
+    ``exchange`` (sequence parallelism, LASP-2 inside the op; no initial_state, final state or
+    cu_seqlens with it): an object with ``forward(A, M) -> S_in`` and ``backward(dS_in) -> U``.
+    ``M`` ``[B, H, K, V]`` is each sequence's final state from a zero state and ``A`` its total
+    decay (None, ``[B, H]`` or ``[B, H, K]``, fp32); ``S_in`` the states to start from. In the
+    backward ``dS_in`` is the gradient of ``S_in`` from this op's output alone and ``U`` the
+    gradient of the state leaving each sequence (``A ∘ S_in + M``), from whatever follows it.
+    """
     check_inputs(
         q, k, v, initial_state, cu_seqlens, g=g if gate == 1 else None, gk=g if gate == 2 else None
     )
+    if exchange is not None and (
+        initial_state is not None or output_final_state or cu_seqlens is not None
+    ):
+        raise ValueError(
+            "exchange takes no initial_state, output_final_state or cu_seqlens: the incoming "
+            "states come from the exchange"
+        )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 0:
         raise ValueError("T must be >= 1")
     return _NonDelta.apply(
-        q, k, v, g, initial_state, float(scale), cu_seqlens, gate, bool(output_final_state)
+        q,
+        k,
+        v,
+        g,
+        initial_state,
+        float(scale),
+        cu_seqlens,
+        gate,
+        bool(output_final_state),
+        exchange,
     )

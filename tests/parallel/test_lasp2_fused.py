@@ -1,0 +1,108 @@
+"""LASP-2 inside the Triton op (the serial schedule's exchange form, ``models.ops.exchange_op``)
+is exact: forward and every gradient against the fp64 naive recurrence, W = 2 and 3, both
+layouts, no decay / scalar / GLA, several chunks and groups per slice with a ragged last chunk
+(Triton interpreter on CPU, gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.dist_harness import run_ranks
+
+_ENV = {
+    "TRITON_INTERPRET": "1",
+    "LINSCALE_OPS_BACKEND": "triton",
+    # One 64-token chunk per group: the scans over groups, run twice around the exchange,
+    # see several groups per slice.
+    "LINSCALE_KERNEL_GROUP_TOKENS": "64",
+}
+
+
+def _inputs(family: str, T: int):
+    g = torch.Generator().manual_seed(11)
+    B, H, K, V = 2, 2, 16, 32
+    q, k = (torch.randn(B, T, H, K, generator=g) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g)
+    if family == "linear":
+        gates = (None,)
+    elif family == "scalar":
+        gates = (F.logsigmoid(torch.randn(B, T, H, generator=g) + 2),)
+    else:
+        gates = (F.logsigmoid(torch.randn(B, T, H, K, generator=g) + 2),)
+    return q, k, v, gates
+
+
+def _weight(o_shape) -> torch.Tensor:
+    return torch.arange(torch.Size(o_shape).numel(), dtype=torch.float64).view(o_shape).sin()
+
+
+def _reference(family, q, k, v, gates):
+    from models.ops import naive_gla, naive_linear_attn
+
+    fn = naive_gla if family == "gla" else naive_linear_attn
+    leaves = [t.double().clone().requires_grad_() for t in (q, k, v, *gates) if t is not None]
+    args = leaves[:3] + ([leaves[3]] if len(leaves) > 3 else [None])
+    o, _ = fn(*args)
+    (o * _weight(o.shape)).sum().backward()
+    return o.detach(), [t.grad for t in leaves]
+
+
+def _worker(rank, world, family, layout, T):
+    import torch.distributed as dist
+
+    from parallel import lasp2
+    from parallel.sequence_shard import shard_sequence
+
+    q, k, v, gates = _inputs(family, T)
+    kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
+    local = [
+        shard_sequence(t, **kw).clone().requires_grad_() for t in (q, k, v, *gates) if t is not None
+    ]
+    fam = "gla" if family == "gla" else "linear_attn"
+    # The exchange form is what runs: the Triton op with only the backend chosen.
+    assert lasp2._exchange_op(fam, lasp2.resolve_op(fam), local[0]) is not None
+    fn = lasp2.lasp2_gla if family == "gla" else lasp2.lasp2_linear_attn
+    args = local[:3] + ([local[3]] if len(local) > 3 else [None])
+    o = fn(*args, group=dist.group.WORLD, layout=layout, schedule="serial")
+    w = shard_sequence(_weight((q.shape[0], T, q.shape[2], v.shape[-1])), **kw)
+    (o.double() * w).sum().backward()
+    return o.detach(), [t.grad for t in local]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("family", ["linear", "scalar", "gla"])
+def test_lasp2_in_the_op_is_exact(world, layout, family):
+    from parallel.sequence_shard import shard_sequence
+
+    T = 2 * world * 75  # 150 tokens per rank, 75 per zigzag slice: ragged 64-token chunks
+    q, k, v, gates = _inputs(family, T)
+    o_ref, grads_ref = _reference(family, q, k, v, gates)
+    results = run_ranks(_worker, world, family, layout, T, env=_ENV)
+    for rank, (o, grads) in enumerate(results):
+        kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
+        ref = shard_sequence(o_ref, **kw)
+        torch.testing.assert_close(o.double(), ref, rtol=2e-4, atol=2e-4 * ref.abs().max())
+        for name, g, g_ref in zip(["q", "k", "v", "g"], grads, grads_ref):
+            ref = shard_sequence(g_ref, **kw)
+            torch.testing.assert_close(
+                g.double(),
+                ref,
+                rtol=2e-4,
+                atol=2e-4 * ref.abs().max(),
+                msg=lambda m, n=name: f"d{n}: {m}",
+            )
+
+
+def test_exchange_refuses_initial_state():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from models.ops.triton_ops.nondelta import nondelta_attn
+
+    q = torch.zeros(1, 8, 1, 16)
+    with pytest.raises(ValueError, match="exchange takes no initial_state"):
+        nondelta_attn(q, q, q, None, 0, initial_state=torch.zeros(1, 1, 16, 16), exchange=object())
