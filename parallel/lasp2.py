@@ -243,13 +243,18 @@ class _OpExchange:
         st.s_in = _fold_forward(st, st.gathered)
         return st.s_in.flatten(0, 1)
 
-    def backward(self, d_s_in: torch.Tensor) -> torch.Tensor:
-        """dL/dS_in from this rank's outputs ``[n * B, H, K, V]`` -> dL/d(state leaving each
-        slice), from the later slices of every rank."""
+    def backward(self, d_s_in: torch.Tensor):
+        """Start gathering dL/dS_in from this rank's outputs ``[n * B, H, K, V]``; the returned
+        function waits for it and returns dL/d(state leaving each slice), from the later slices
+        of every rank (the op runs independent work in between)."""
         st = self.st
-        d = all_gather_async(d_s_in.unflatten(0, (self.n, self.B)), st.group).wait()
-        grads = _fold_backward(st, d)  # [n, B, H, F]: (dA, dM) packed; dA is the op's business
-        return st.unpack(grads)[1].flatten(0, 1)
+        pending = all_gather_async(d_s_in.unflatten(0, (self.n, self.B)), st.group)
+
+        def finish() -> torch.Tensor:
+            grads = _fold_backward(st, pending.wait())  # [n, B, H, F]: (dA, dM) packed
+            return st.unpack(grads)[1].flatten(0, 1)  # dA is covered by the op's gate gradient
+
+        return finish
 
 
 LASP2_FUSED = ("auto", "off")

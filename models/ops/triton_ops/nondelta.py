@@ -218,14 +218,17 @@ class _NonDelta(torch.autograd.Function):
             )
 
         dht = dht.contiguous().float() if dht is not None else None
+        finish = None
         if ctx.exchange is not None:
             # The gradient of each incoming state from this op's outputs goes to the exchange,
             # which returns the gradient of the state leaving each sequence (from the later
             # ones); the reverse scan then runs again from it. With it, the gate gradient below
-            # also covers the total decay A handed to the exchange.
+            # also covers the total decay A handed to the exchange. The dq kernel, which needs
+            # no adjoint state, runs while the exchange is in flight.
             scan(None, True)
-            dht = ctx.exchange.backward(dh0).contiguous()
-        scan(dht, ctx.exchange is None)
+            finish = ctx.exchange.backward(dh0)
+        else:
+            scan(dht, True)
         dqi = dki = q
         if gate == 2:
             dqi, dki = gla_intra_grads(q, k, v, gf, do, cgrp, scale, bkf, bvf)
@@ -273,6 +276,8 @@ class _NonDelta(torch.autograd.Function):
             GATE=gate,
             **opts,
         )
+        if finish is not None:
+            scan(finish().contiguous(), False)
         kern.bwd_dk_kernel[(nk, G, H)](
             q,
             k,
@@ -348,7 +353,8 @@ def nondelta_attn(
     """Shared entry of chunk_linear_attn (gate 0 or 1) and chunk_gla (gate 2); returns (o, ht).
 
     ``exchange`` (sequence parallelism, LASP-2 inside the op; no initial_state, final state or
-    cu_seqlens with it): an object with ``forward(A, M) -> S_in`` and ``backward(dS_in) -> U``.
+    cu_seqlens with it): an object with ``forward(A, M) -> S_in`` and ``backward(dS_in)``, which
+    starts the backward exchange and returns a function that finishes it and returns ``U``.
     ``M`` ``[B, H, K, V]`` is each sequence's final state from a zero state and ``A`` its total
     decay (None, ``[B, H]`` or ``[B, H, K]``, fp32); ``S_in`` the states to start from. In the
     backward ``dS_in`` is the gradient of ``S_in`` from this op's output alone and ``U`` the
