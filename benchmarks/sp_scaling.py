@@ -12,14 +12,23 @@ Groups: ``weak-*`` (32K tokens per GPU, sp = 1, 2, 4), ``strong-*`` (128K tokens
 ``*-linear`` (layer pattern L; LASP-2 and the LASP-1 ring) and ``*-hybrid`` (LLLN; LASP-2 with
 LASP-2H, contiguous and zigzag layouts). A training step is bf16 autocast with fp32 parameters,
 full per-block activation checkpointing, chunked cross-entropy, a sum of gradients over the SP
-group (DDP, overlapped with the backward; ``--grad-sync after``: the trainer's all-reduce after
-it) and fused AdamW. Each configuration is timed three ways:
+group and fused AdamW. The gradient sum (``--grad-sync``, a comma list) is by default FSDP2 over
+the SP group with the blocks kept gathered from forward to backward (``fsdp-keep``: one
+all-gather per step, a reduce-scatter overlapped with the backward, and each GPU steps its
+quarter of the optimizer; the trainer's ``parallel.fsdp: true`` with
+``fsdp_reshard_after_forward: false``); ``fsdp`` gathers the blocks again for the backward,
+``ddp`` keeps replicated parameters and all-reduces overlapped with the backward (the trainer
+without FSDP), ``after`` all-reduces after it. Each configuration is timed three ways:
 
 - ``step_s``: the real step (median of ``--steps``);
 - ``step_nosp_s``: the same with the SP collectives replaced by local copies (wrong values,
   same compute); ``exposed_sp_comm = step_s - step_nosp_s``;
-- ``step_nocomm_s``: also without the gradient all-reduce; its per-rank times give the load
-  balance of the layout (``imbalance = slowest / fastest``).
+- ``step_nocomm_s``: also without the gradient sum (for FSDP rows: the same step on the
+  unsharded model); its per-rank times give the load balance of the layout
+  (``imbalance = slowest / fastest``).
+
+Each row also records each rank's last loss of the three phases (``rank_losses``): the
+references compute wrong values, and a non-finite one would make their timing meaningless.
 
 MFU = model FLOPs / (step_s * sp * peak), with model FLOPs per step
 ``6 * N_params * tokens + 6 * n_softmax_layers * dim * T^2 * B`` (causal attention, forward
@@ -538,9 +547,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=729.0)
     p.add_argument(
         "--grad-sync",
-        default="ddp",
+        default="fsdp-keep",
         help="gradient sum over the SP group, a comma list (each SP row once per method; the "
-        "first feeds the headline): ddp (overlapped with the backward, the trainer's default), "
+        "first feeds the headline): ddp (overlapped with the backward, the trainer without fsdp), "
         "after (a bucketed all-reduce after the backward), fsdp (FSDP2 over the SP group, "
         "parallel.fsdp: blocks gathered again for the backward), fsdp-keep (FSDP2, blocks kept "
         "gathered from forward to backward)",
