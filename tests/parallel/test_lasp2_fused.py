@@ -106,3 +106,47 @@ def test_exchange_refuses_initial_state():
     q = torch.zeros(1, 8, 1, 16)
     with pytest.raises(ValueError, match="exchange takes no initial_state"):
         nondelta_attn(q, q, q, None, 0, initial_state=torch.zeros(1, 1, 16, 16), exchange=object())
+
+
+def _detect_worker(rank, world):
+    import functools
+    import os
+
+    import models.ops as ops
+    from parallel import lasp2
+
+    x = torch.zeros(1, 4, 1, 16)
+    base = ops.chunk_linear_attn
+    seen = {
+        "plain": lasp2._exchange_op("linear_attn", base, x) is not None,
+        # What apply_sequence_parallel passes: the layer's op with its backend bound.
+        "triton": lasp2._exchange_op("linear_attn", functools.partial(base, backend="triton"), x)
+        is not None,
+        "gla": lasp2._exchange_op("gla", ops.chunk_gla, x) is not None,
+        "reference": lasp2._exchange_op(
+            "linear_attn", functools.partial(base, backend="reference"), x
+        )
+        is not None,
+        "other_kwargs": lasp2._exchange_op("linear_attn", functools.partial(base, scale=0.5), x)
+        is not None,
+        "custom": lasp2._exchange_op("linear_attn", lambda *a, **k: None, x) is not None,
+        "delta": lasp2._exchange_op("gated_delta_rule", ops.chunk_gated_delta_rule, x) is not None,
+    }
+    os.environ["LINSCALE_LASP2_FUSED"] = "off"
+    seen["off"] = lasp2._exchange_op("linear_attn", base, x) is not None
+    os.environ["LINSCALE_LASP2_FUSED"] = "sometimes"
+    try:
+        lasp2._exchange_op("linear_attn", base, x)
+        seen["bad"] = "accepted"
+    except ValueError as e:
+        seen["bad"] = str(e)
+    return seen
+
+
+def test_exchange_form_is_picked_only_for_the_triton_op():
+    (seen,) = run_ranks(_detect_worker, 1, env=_ENV)
+    assert seen["plain"] and seen["triton"] and seen["gla"]
+    assert not seen["reference"] and not seen["other_kwargs"] and not seen["custom"]
+    assert not seen["delta"]  # the gated delta rule has its own LASP-2 form
+    assert not seen["off"]
+    assert "LINSCALE_LASP2_FUSED" in seen["bad"] and "auto" in seen["bad"]
