@@ -18,7 +18,7 @@ from launch.config import load_config
 from launch.trainer import Trainer
 from tests.dist_harness import run_ranks
 
-__all__ = ["BASE", "check", "config", "reference", "run_case", "worker"]
+__all__ = ["BASE", "check", "config", "reference", "resume_worker", "run_case", "worker"]
 
 BASE = [
     "model.preset=tiny",
@@ -42,6 +42,17 @@ WORLD = 4
 def config(run_dir, name: str, extra: list[str]):
     """The harness's base config under ``run_dir/name`` with ``extra`` overrides."""
     return load_config(None, [*BASE, f"logging.run_dir={run_dir}", f"logging.name={name}", *extra])
+
+
+def resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
+    """4 steps straight, and 4 steps cut at step 2 (DCP checkpoint) and resumed: returns the
+    straight run's losses and the resumed run's (steps 3-4) for ``run_ranks``."""
+    straight = Trainer(config(run_dir, "straight", [*extra, "training.steps=4"])).train()
+    cut = [*extra, "training.steps=4", "checkpoint.enabled=true", "checkpoint.interval=2"]
+    Trainer(config(run_dir, "cut", cut)).train(stop_at=2)
+    resumed = Trainer(config(run_dir, "cut", cut))
+    assert resumed.step == 2
+    return [h.loss for h in straight], [h.loss for h in resumed.train()]
 
 
 def _clean(name: str) -> str:

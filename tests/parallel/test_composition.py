@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.trainer import Trainer
 from tests.dist_harness import run_ranks
-from tests.parallel.pp_harness import config, run_case
+from tests.parallel.pp_harness import resume_worker, run_case
 
 KEEP = ["parallel.fsdp=true", "parallel.fsdp_reshard_after_forward=false"]
 CASES = {
@@ -49,19 +48,10 @@ def test_pp_dp_sp_on_eight_ranks(tmp_path_factory):
     assert results[0]["split"] == [["0"], ["1"], ["2"], ["3"]]
 
 
-def _resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
-    straight = Trainer(config(run_dir, "straight", [*extra, "training.steps=4"])).train()
-    cut = [*extra, "training.steps=4", "checkpoint.enabled=true", "checkpoint.interval=2"]
-    Trainer(config(run_dir, "cut", cut)).train(stop_at=2)
-    resumed = Trainer(config(run_dir, "cut", cut))
-    assert resumed.step == 2
-    return [h.loss for h in straight], [h.loss for h in resumed.train()]
-
-
 @pytest.mark.timeout(180)
 def test_fsdp_sp_checkpoint_resume_is_exact(tmp_path):
     """dp2 x sp2 with FSDP2 (blocks kept gathered): a run cut at step 2 and resumed from its
     DCP checkpoint (sharded parameters and optimizer state) continues with the same losses."""
     extra = ["parallel.dp=2", "parallel.sp=2", *KEEP]
-    for straight, resumed in run_ranks(_resume_worker, 4, str(tmp_path), extra):
+    for straight, resumed in run_ranks(resume_worker, 4, str(tmp_path), extra):
         assert resumed == straight[2:]

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.trainer import Trainer
 from tests.dist_harness import run_ranks
-from tests.parallel.pp_harness import config, run_case
+from tests.parallel.pp_harness import resume_worker, run_case
 
 PP2 = ["parallel.pp=2"]
 CASES = {  # id: (parallel overrides, model overrides)
@@ -105,15 +104,6 @@ def test_pipeline_matches_single_process(case, tmp_path_factory):
         assert results[0]["split"] == SPLITS[case]
 
 
-def _resume_worker(rank: int, world: int, run_dir: str, extra: list[str]):
-    straight = Trainer(config(run_dir, "straight", [*extra, "training.steps=4"])).train()
-    cut = [*extra, "training.steps=4", "checkpoint.enabled=true", "checkpoint.interval=2"]
-    Trainer(config(run_dir, "cut", cut)).train(stop_at=2)
-    resumed = Trainer(config(run_dir, "cut", cut))
-    assert resumed.step == 2
-    return [h.loss for h in straight], [h.loss for h in resumed.train()]
-
-
 @pytest.mark.timeout(180)
 def test_pipeline_checkpoint_resume_is_exact(tmp_path):
     """ZB-V (stage 0 and the last stage with its tied-head copy on rank 0) x dp2: a run cut at
@@ -125,5 +115,5 @@ def test_pipeline_checkpoint_resume_is_exact(tmp_path):
         "parallel.pp_stages_per_rank=2",
         "parallel.pp_microbatches=4",
     ]
-    for straight, resumed in run_ranks(_resume_worker, 4, str(tmp_path), extra):
+    for straight, resumed in run_ranks(resume_worker, 4, str(tmp_path), extra):
         assert resumed == straight[2:]

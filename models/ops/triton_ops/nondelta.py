@@ -51,6 +51,32 @@ def _launch_opts(dtype, *tiles: int) -> dict:
     )
 
 
+def _group_scan(m, dl, h_in, hs, final, grp, gate: int, dims: tuple, *, reverse: bool) -> None:
+    """Compose the group-local states ``m`` ``[G, H, K, V]`` (decays ``dl``) over each
+    sequence's groups: ``hs`` gets every group's incoming state (reverse: its adjoint), from
+    ``h_in`` ``[N, H, K, V]`` (None: zero); ``final`` (None: not stored) the state leaving each
+    sequence (reverse: the adjoint at its start)."""
+    K, V, bk, bv = dims
+    N, H = grp.n_seq, m.shape[1]
+    kern.group_scan_kernel[(triton.cdiv(K, bk) * triton.cdiv(V, bv), N, H)](
+        m,
+        dl,
+        h_in if h_in is not None else hs,
+        hs,
+        final if final is not None else hs,
+        grp.seq_g0,
+        H=H,
+        K=K,
+        V=V,
+        BK=bk,
+        BV=bv,
+        GATE=gate,
+        REVERSE=reverse,
+        HAS_H0=h_in is not None,
+        STORE_FINAL=final is not None,
+    )
+
+
 class _NonDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, gate, output_final_state, exchange):
@@ -99,23 +125,7 @@ class _NonDelta(torch.autograd.Function):
         hs = torch.empty(G, H, K, V, **f32)
 
         def scan(h_in, final):
-            kern.group_scan_kernel[(nk * nv, N, H)](
-                m,
-                dl,
-                h_in if h_in is not None else hs,
-                hs,
-                final if final is not None else hs,
-                grp.seq_g0,
-                H=H,
-                K=K,
-                V=V,
-                BK=bk,
-                BV=bv,
-                GATE=gate,
-                REVERSE=False,
-                HAS_H0=h_in is not None,
-                STORE_FINAL=final is not None,
-            )
+            _group_scan(m, dl, h_in, hs, final, grp, gate, (K, V, bk, bv), reverse=False)
 
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
         if exchange is not None:
@@ -199,23 +209,8 @@ class _NonDelta(torch.autograd.Function):
         dh0 = torch.empty(N, H, K, V, **f32)
 
         def scan(d_final, store_dh0):
-            kern.group_scan_kernel[(nk * nv, N, H)](
-                dm,
-                dl,
-                d_final if d_final is not None else he,
-                he,
-                dh0,
-                grp.seq_g0,
-                H=H,
-                K=K,
-                V=V,
-                BK=bk,
-                BV=bv,
-                GATE=gate,
-                REVERSE=True,
-                HAS_H0=d_final is not None,
-                STORE_FINAL=store_dh0,
-            )
+            fin = dh0 if store_dh0 else None
+            _group_scan(dm, dl, d_final, he, fin, grp, gate, (K, V, bk, bv), reverse=True)
 
         dht = dht.contiguous().float() if dht is not None else None
         finish = None
