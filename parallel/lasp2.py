@@ -17,6 +17,14 @@ decay variants and ``o_cross_t = q'_t S_in``, ``q'_t = scale * q_t P_{<=t}``, fo
 ``[v | 0]`` and initial state ``[0 | I]`` (K extra columns), since columns of the state evolve
 independently. Backward is the mirrored fold over the gathered state gradients: again one
 AllGather, of ``dL/dS_in``. Sizes never depend on T.
+
+The ``serial`` schedule (the trainer's default) gathers first and runs the op once from
+``S_in``. For linear attention, scalar decay and GLA on the Triton kernels it runs inside the op
+(``models.ops.exchange_op`` with :class:`_OpExchange`): the op scans its group-local states from
+zero, which gives ``M`` (and ``A`` from the gates), the exchange gathers and folds, and the op
+scans again from ``S_in``; its backward does the same with the state gradients, so no pass over
+the T tokens is added. Elsewhere (the reference ops, ``LINSCALE_LASP2_FUSED=off``) ``M`` comes
+from separate torch products (:func:`affine_pieces`).
 """
 
 from __future__ import annotations
@@ -419,7 +427,8 @@ def lasp2_linear_attn(
         schedule: ``"overlap"`` (default): the intra-slice op runs from a zero state while the
             AllGather flies, then the incoming state's term ``q_x S_in`` is added;
             ``"serial"``: AllGather first, then one op call from ``S_in`` (no separate cross
-            term; the collective is exposed but tiny). Both are exact.
+            term; the collective is exposed but tiny; inside the Triton op when it runs, see
+            the module docstring). Both are exact.
 
     Returns:
         ``o`` ``[B, T_local, H, V]``, equal to this shard of the single-device output.

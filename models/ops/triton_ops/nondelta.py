@@ -6,6 +6,10 @@ replays the saved group-start states forward. Gate gradients use the identity
 ``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t``, summed in reverse
 only within each chunk and closed by ``sum_v H_c * dH_c`` (the chunk-end state times its
 adjoint): a whole-sequence reverse sum would let rounding grow with T.
+
+With an ``exchange`` (LASP-2 inside the op, :func:`nondelta_attn`) the scan over groups runs
+twice: from zero, giving each sequence's final state ``M`` for the exchange, then from the
+incoming state it returns; the reverse scan likewise, around the exchange of state gradients.
 """
 
 from __future__ import annotations
