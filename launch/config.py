@@ -92,7 +92,7 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool | None = None
     """FSDP2: free each block's gathered parameters after its forward and gather them again for
     its backward (true, least memory), or keep them from forward to backward (false: one
-    gather per step; 731 against 740 ms per step at sp = 4 on 4 x H100, benchmarks/README.md).
+    gather per step; 732 against 740 ms per step at sp = 4 on 4 x H100, benchmarks/README.md).
     Default (null): true without PP, false with it."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """dtype in which gradients are summed over dp x sp (DDP, the all-reduce after the
