@@ -18,16 +18,15 @@ kernel cache key), so setting ``os.environ`` between calls in one process is eno
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import os
 import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _device_env import environ  # benchmarks/ is sys.path[0]
 
 H, D = 16, 128
 NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
@@ -157,21 +156,6 @@ def parse_variants(specs: list[str]) -> list[tuple[str, dict]]:
                 env[var] = val
             out.append((name, env))
     return out
-
-
-@contextlib.contextmanager
-def environ(env: dict):
-    """Set environment variables for the duration of the block, then restore them."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from _device_env import disable_nvlink_multicast  # benchmarks/ is sys.path[0]
+from _device_env import disable_nvlink_multicast, environ  # benchmarks/ is sys.path[0]
 
 disable_nvlink_multicast()  # before torch is imported
 
@@ -269,24 +269,6 @@ def sp_batch(m, T: int, *, rank: int, sp: int, layout: str, device) -> tuple:
         shard_position_ids(T, device=device, **kw),
         float(T),
     )
-
-
-@contextlib.contextmanager
-def lasp2_fused_for(impl: str):
-    """``lasp2-sep`` rows run LASP-2 with its state products outside the op
-    (``LINSCALE_LASP2_FUSED=off``); the others keep the environment's setting."""
-    if impl != "lasp2-sep":
-        yield
-        return
-    prev = os.environ.get("LINSCALE_LASP2_FUSED")
-    os.environ["LINSCALE_LASP2_FUSED"] = "off"
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop("LINSCALE_LASP2_FUSED")
-        else:
-            os.environ["LINSCALE_LASP2_FUSED"] = prev
 
 
 def run_config(cfg, get_model, rank, groups, args, device) -> dict:
@@ -621,7 +603,9 @@ def main() -> None:
         res: dict = {}
         if rank < cfg["sp"]:
             try:
-                with lasp2_fused_for(cfg["impl"]):
+                # lasp2-sep rows: LASP-2 with its state products outside the op.
+                sep = cfg["impl"] == "lasp2-sep"
+                with environ({"LINSCALE_LASP2_FUSED": "off"}) if sep else contextlib.nullcontext():
                     res = run_config(cfg, cache.for_model(cfg["model"]), rank, groups, args, device)
             except torch.cuda.OutOfMemoryError as e:  # sp = 1 only can be caught safely
                 res = {"error": f"OOM: {str(e)[:200]}"}
