@@ -333,12 +333,11 @@ def run_config(cfg, get_model, rank, groups, args, device) -> dict:
     )
     if fsdp:
         # FSDP's collectives cannot be switched off: the compute-only reference runs on the
-        # unsharded model (same compute, no gradient sum).
-        del m, opt, common
+        # unsharded model (same compute; grad_comm=False below skips any gradient sum).
+        del m, opt
         gc.collect()
         m, opt = get_model(None)
         with_sp(m)
-        common = {"group": group, "device": device, "autocast": device.type == "cuda"}
     nocomm, loss_nocomm = time_steps(
         m, opt, batch, n=n_aux, warmup=1, sp_comm=False, grad_comm=False, **common
     )
@@ -402,8 +401,8 @@ def headline(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     out: dict = {}
 
-    # Extra bucket sizes and gradient dtypes get their own efficiency entries; the rest uses
-    # the first of each.
+    # Rows of other bucket sizes, gradient dtypes or gradient-sum methods than the first SP
+    # row's, and lasp2-sep rows, get their own efficiency entries; the rest uses the first.
     def variant(r):
         return r.get("bucket_mb"), r.get("grad_dtype", "fp32"), r.get("grad_sync", "ddp")
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.dist_harness import free_port
 
 
 @pytest.mark.timeout(240)
@@ -23,6 +24,7 @@ def test_sp_scaling_cpu_rows_and_headline(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
+        f"--master_port={free_port()}",
         str(ROOT / "benchmarks" / "sp_scaling.py"),
         "--cpu",
         "--only",
