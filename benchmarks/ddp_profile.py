@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from parallel.data_parallel import reduce_dtype_of  # noqa: E402
 from parallel.ddp import apply_ddp  # noqa: E402
 
 GEMM = ("gemm", "cutlass", "nvjet", "sm90_xmma")
@@ -91,11 +92,10 @@ def main() -> None:
     )
     batch = S.sp_batch(m, 2 * 32 * S.K, rank=rank, sp=2, layout="contiguous", device=device)
     for mode in args.modes.split(","):
-        reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[mode]
-        ddp = apply_ddp(m, dist.group.WORLD, bucket_mb=25, reduce_dtype=reduce_dtype)
+        ddp = apply_ddp(m, dist.group.WORLD, bucket_mb=25, reduce_dtype=reduce_dtype_of(mode))
         common = {"group": dist.group.WORLD, "device": device, "autocast": True, "ddp": ddp}
         for sync in (True, False):
-            steps = S.time_steps(
+            steps, _ = S.time_steps(
                 m, opt, batch, n=2, warmup=1, sp_comm=True, grad_comm=sync, **common
             )
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
