@@ -181,16 +181,17 @@ def _fold_forward(st: _FoldState, gathered: torch.Tensor) -> torch.Tensor:
     return torch.stack([s_in[j] for j in mine])
 
 
-def _fold_backward(st: _FoldState, d_gathered: torch.Tensor) -> torch.Tensor:
+def _fold_backward(st: _FoldState, d_gathered: torch.Tensor, *, with_a: bool = True):
     """Reverse fold: piece gradients ``[n, B, H, F]`` of this rank's slices from every rank's
-    ``dL/dS_in`` ``[W, n, B, H, K, V]``."""
+    ``dL/dS_in`` ``[W, n, B, H, K, V]``; with ``with_a=False`` only the state part
+    ``dL/dM`` ``[n, B, H, K, V]`` (the gradient of the state leaving each slice)."""
     mine = local_slices(st.rank, st.world, st.layout)
     U = torch.zeros_like(d_gathered[0, 0])  # dL/d(state leaving slice j)
     grads = {}
     for j in range(st.world * slots_per_rank(st.layout) - 1, min(mine) - 1, -1):
         A, _ = st.unpack(st.piece(st.gathered, j))
         if j in mine:
-            grads[j] = _pack(_grad_A(st.kind, U, st.s_in[mine.index(j)]), U)
+            grads[j] = _pack(_grad_A(st.kind, U, st.s_in[mine.index(j)]), U) if with_a else U
         r, slot = slice_owner(j, st.world, st.layout)
         U = d_gathered[r, slot] + _apply_adjoint(st.kind, A, U)
     return torch.stack([grads[j] for j in mine])
@@ -248,8 +249,7 @@ class _OpExchange:
         st = self.st
         pieces = _pack(A, M).unflatten(0, (self.n, self.B))
         st.gathered = all_gather_async(pieces, st.group).wait()
-        st.s_in = _fold_forward(st, st.gathered)
-        return st.s_in.flatten(0, 1)
+        return _fold_forward(st, st.gathered).flatten(0, 1)
 
     def backward(self, d_s_in: torch.Tensor):
         """Start gathering dL/dS_in from this rank's outputs ``[n * B, H, K, V]``; the returned
@@ -259,8 +259,8 @@ class _OpExchange:
         pending = all_gather_async(d_s_in.unflatten(0, (self.n, self.B)), st.group)
 
         def finish() -> torch.Tensor:
-            grads = _fold_backward(st, pending.wait())  # [n, B, H, F]: (dA, dM) packed
-            return st.unpack(grads)[1].flatten(0, 1)  # dA is covered by the op's gate gradient
+            # dA is not needed: the op's own gate gradient covers it.
+            return _fold_backward(st, pending.wait(), with_a=False).flatten(0, 1)
 
         return finish
 
