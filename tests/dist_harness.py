@@ -17,13 +17,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_ranks"]
+__all__ = ["free_port", "run_ranks", "torchrun_cmd"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int) -> list[str]:
+    """The start of a ``torchrun`` command line for ``nproc`` local processes on a free port
+    (never the shared default 29500); append the script and its arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
 
 
 def _entry(rank, world, port, fn, args, out_dir, env):

@@ -11,18 +11,14 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.dist_harness import free_port
+from tests.dist_harness import torchrun_cmd
 
 
 @pytest.mark.timeout(150)
 def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "pipeline.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
+        *torchrun_cmd(2),
         str(ROOT / "benchmarks" / "pipeline.py"),
         "--cpu",
         "--preset",

@@ -13,18 +13,14 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.dist_harness import free_port
+from tests.dist_harness import torchrun_cmd
 
 
 @pytest.mark.timeout(240)
 def test_sp_scaling_cpu_rows_and_headline(tmp_path):
     out = tmp_path / "sp.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
+        *torchrun_cmd(2),
         str(ROOT / "benchmarks" / "sp_scaling.py"),
         "--cpu",
         "--only",
