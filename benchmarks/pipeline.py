@@ -222,6 +222,10 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
             "vs_ideal": step / (busy / (1.0 - theory)) if c["pp"] > 1 else None,
             "loss": rows[0]["loss"],
             "split": [len(s) for s in rows[0]["split"]] if rows[0]["split"] else None,
+            # Per global rank: where the work and the memory sit (a rank holding the head and
+            # the embedding, or more layers, shows up here).
+            "busy_per_rank_s": [r["busy_s"] for r in rows],
+            "peak_mem_per_rank_gb": [r["peak_mem_gb"] for r in rows],
         }
     )
     return out

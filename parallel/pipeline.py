@@ -16,11 +16,14 @@ Tied embeddings. The first stage owns the embedding matrix and the last stage ne
 head. The last stage keeps its own copy (``output.weight``, initialised from the embedding) and
 :meth:`Pipeline.sync_tied_gradients`, which the trainer calls once per optimizer step after all
 micro-steps, replaces both gradients by their sum (over a two-rank group of the first and last
-pipeline ranks with the same dp/sp coordinates, or locally when one rank holds both, as in the
-V placement). Both copies then see the same gradient and the same AdamW update, so they stay
-equal and training matches single-process tied training. The copy is marked so that gradient
-clipping counts it once (:func:`parallel.data_parallel.exclude_from_grad_norm`). Checkpoints of
-the last stage hold the copy as ``output.weight``.
+pipeline ranks with the same dp/sp coordinates). Both copies then see the same gradient and the
+same AdamW update, so they stay equal and training matches single-process tied training. The
+copy is marked so that gradient clipping counts it once
+(:func:`parallel.data_parallel.exclude_from_grad_norm`). Checkpoints of the last stage hold the
+copy as ``output.weight``. When one rank holds both stages (the V placement) the head uses the
+embedding's own weight, no copy (a vocabulary x dim matrix with its gradient and optimizer state
+less on that rank), unless FSDP shards the stages separately or torch's split weight pass runs
+(then the copy is summed locally).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from parallel.parallelize import parallelize_model
 from parallel.pipeline_split import (
     StepContext,
     build_stage_module,
+    recomputed_blocks,
     split_layers,
     stage_ids_on_rank,
     stage_to_rank,
@@ -221,11 +225,23 @@ def build_pipeline(
     per_rank = p.pp_stages_per_rank
     num_stages = dims.pp * per_rank
     m = p.pp_microbatches or num_stages
-    layer_split = split_layers(model.args, num_stages, seq_len=t.seq_len)
+    layer_split = split_layers(
+        model.args,
+        num_stages,
+        seq_len=t.seq_len,
+        pp=dims.pp,
+        style=style,
+        recomputed=recomputed_blocks(
+            model.args.n_layers, p.activation_checkpointing, p.checkpoint_every
+        ),
+    )
     pp_rank = dims.local_rank_in("pp")
     stage_ids = stage_ids_on_rank(pp_rank, dims.pp, per_rank, style)
     ctx = StepContext(device_type=device.type, autocast_dtype=autocast_dtype)
     tied = model.args.tie_embeddings and model.output is None
+    first_pp = stage_to_rank(0, dims.pp, per_rank, style)
+    last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
+    backward_mode = "plain"
 
     # How the zero-bubble schedules run their backward (pipeline_weight_grad.py): torch's split
     # (input pass, per-group weight pass) does 1F1B's work without checkpointing, but replays a
@@ -238,7 +254,8 @@ def build_pipeline(
         mode = env_setting("LINSCALE_PP_ZB_BACKWARD", "auto", ("auto", *ZB_BACKWARD_MODES))
         if mode == "auto":
             mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
-        if not install_zero_bubble_backward(mode) and mode != "split":
+        backward_mode = mode if install_zero_bubble_backward(mode) else "split"
+        if backward_mode != mode:
             get_logger().warning(
                 "parallel.pp_schedule %s: this torch's pipelining has no hook for the %s "
                 "backward; its own split runs (a checkpointed block is recomputed once per "
@@ -253,10 +270,19 @@ def build_pipeline(
         "fsdp_reshard_after_forward": p.fsdp_reshard_after_forward,
         "compile": cfg.training.compile,
     }
+    # With the first and the last stage on one rank (V placement) the head uses the embedding
+    # itself, unless FSDP shards the stages apart or torch's split weight pass (which walks
+    # each stage's own parameters) would miss the head's share of its gradient.
+    share_head = tied and first_pp == last_pp and not p.fsdp and backward_mode in ("plain", "fused")
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
         build_stage_module(
-            model, layer_split[s], is_first=s == 0, is_last=s == num_stages - 1, ctx=ctx
+            model,
+            layer_split[s],
+            is_first=s == 0,
+            is_last=s == num_stages - 1,
+            ctx=ctx,
+            share_tied_head=share_head,
         )
         for s in stage_ids
     ]
@@ -271,9 +297,7 @@ def build_pipeline(
         )
 
     tie = None
-    if tied:
-        first_pp = stage_to_rank(0, dims.pp, per_rank, style)
-        last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
+    if tied and not share_head:
         group = _tie_group(dims, first_pp, last_pp) if first_pp != last_pp else None
         emb = next((q.tok_embeddings for q, s in zip(parts, stage_ids) if s == 0), None)
         head = next((q.output for q, s in zip(parts, stage_ids) if s == num_stages - 1), None)

@@ -11,9 +11,18 @@ Cost model (training FLOPs per token, forward + backward = 3x forward):
 - the embedding: no matmul, but its backward writes a dense ``vocab x dim`` gradient and its
   parameters carry optimizer state; it is charged ``embedding_blocks`` (default 0.5) blocks.
 
-Stages are contiguous runs of layers, at least one layer each, with the embedding on stage 0
-and the norm and head on the last stage. The split minimises the largest stage cost, then the
-sum of squared stage costs among those splits (so the slack is spread evenly).
+Activation checkpointing recomputes a block's forward in its backward, so a checkpointed block
+costs 4/3 of its plain training cost while the head (its loss computes every head product in
+the forward, nothing is recomputed) stays at 3x forward: under full checkpointing the head of
+Linear-Llama3-1B weighs about three blocks, not four.
+
+Stages are contiguous runs of layers with the embedding on stage 0 and the norm and head on the
+last stage; every middle stage holds at least one layer, the two end stages may hold none (the
+embedding or the head can be a stage's whole work). What the split balances is each pipeline
+*rank's* work, the sum over the stages it holds (with several stages per rank a per-stage
+balance can pile the head and the embedding onto one rank: the V placement puts stage 0 and
+the last stage together). It minimises the busiest rank's cost, then the sum of squared rank
+costs, then the sum of squared stage costs, by a branch and bound over the stage sizes.
 
 Placement of ``S = pp * v`` stages on the ``pp`` ranks of a pipeline group:
 
@@ -24,6 +33,7 @@ Placement of ``S = pp * v`` stages on the ``pp`` ranks of a pipeline group:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +46,7 @@ __all__ = [
     "StepContext",
     "block_costs",
     "build_stage_module",
+    "recomputed_blocks",
     "split_layers",
     "stage_ids_on_rank",
     "stage_to_rank",
@@ -45,7 +56,11 @@ _LINEAR_CHUNK = 64
 
 
 def block_costs(
-    args: ModelArgs, seq_len: int, *, embedding_blocks: float = 0.5
+    args: ModelArgs,
+    seq_len: int,
+    *,
+    embedding_blocks: float = 0.5,
+    recomputed: Sequence[bool] | None = None,
 ) -> tuple[list[float], float, float]:
     """Per-block, embedding and head costs in training FLOPs per token.
 
@@ -53,7 +68,9 @@ def block_costs(
         args: the model shape.
         seq_len: tokens of one sequence as a stage sees them (after sequence sharding the
             causal softmax work per token still spans the whole sequence, so pass the full T).
-        embedding_blocks: the embedding's cost in units of the mean block cost.
+        embedding_blocks: the embedding's cost in units of the mean (not recomputed) block cost.
+        recomputed: ``[n_layers]``, True where activation checkpointing recomputes the block's
+            forward in the backward (its cost times 4/3); None: no block is.
 
     Returns:
         ``(blocks [n_layers], embedding, head)``.
@@ -61,6 +78,8 @@ def block_costs(
     d, f, h = args.dim, args.ffn_dim, args.n_heads
     hd = d // h
     kv = (args.n_kv_heads or h) * hd
+    if recomputed is not None and len(recomputed) != args.n_layers:
+        raise ValueError(f"recomputed has {len(recomputed)} entries for {args.n_layers} layers")
     costs = []
     for kind in args.layer_kinds():
         if kind == "N":
@@ -72,7 +91,82 @@ def block_costs(
         costs.append(6.0 * matmul + mixer)
     head = 6.0 * args.vocab_size * d
     embedding = embedding_blocks * sum(costs) / len(costs)
+    if recomputed is not None:
+        costs = [c * (4.0 / 3.0 if r else 1.0) for c, r in zip(costs, recomputed)]
     return costs, embedding, head
+
+
+_REL = 1e-9  # relative tolerance: the same costs summed in another order must tie
+
+
+def _search(
+    costs: list[float],
+    first: float,
+    last: float,
+    ranks: list[int],
+    *,
+    minimise: str,
+    rank_cap: float = float("inf"),
+    node_limit: int = 1_000_000,
+) -> tuple[float, list[int] | None]:
+    """Depth-first branch and bound over contiguous group sizes (see
+    :func:`_rank_balanced_split`): the smallest busiest-rank cost (``minimise="rank"``) or
+    busiest-group cost (``"stage"``) among splits whose rank costs stay within ``rank_cap``.
+    Only strict improvements are kept, so ties go to the first split found, smallest early
+    groups first. Returns ``(value, sizes)``, sizes None when nothing fits the cap."""
+    n, m = len(ranks), len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    min_size = [1] * n
+    if n > 1:
+        min_size[0] = min_size[-1] = 0
+    later_min = [0] * (n + 1)
+    for s in range(n - 1, -1, -1):
+        later_min[s] = later_min[s + 1] + min_size[s]
+    future = [sorted(set(ranks[s:])) for s in range(n)] + [[]]
+    rank_cost = [0.0] * (max(ranks) + 1)
+    sizes = [0] * n
+    best, best_sizes, nodes = float("inf"), None, 0
+    by_rank = minimise == "rank"
+
+    def visit(s: int, a: int, worst: float) -> None:
+        nonlocal best, best_sizes, nodes
+        nodes += 1
+        if nodes > node_limit:
+            return
+        r = ranks[s]
+        cap = min(rank_cap, best) if by_rank else rank_cap
+        hi = m if s == n - 1 else m - later_min[s + 1]
+        lo = m if s == n - 1 else a + min_size[s]
+        # Largest groups first: filling each group up to what the bounds allow finds a good
+        # split at once, and the later, smaller candidates are mostly pruned.
+        for b in range(hi, lo - 1, -1):
+            c = prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+            if rank_cost[r] + c > cap * (1 + _REL):
+                continue
+            new_worst = max(worst, rank_cost[r] + c if by_rank else c)
+            if new_worst >= best * (1 - _REL):
+                continue
+            if s == n - 1:
+                best, best_sizes = new_worst, [*sizes[:s], b - a]
+                return
+            rank_cost[r] += c
+            left = prefix[m] - prefix[b] + last
+            fut = future[s + 1]
+            room = sum(min(rank_cap, best) - rank_cost[q] for q in fut) if by_rank else 0.0
+            if by_rank:
+                lower = max(new_worst, (sum(rank_cost[q] for q in fut) + left) / len(fut))
+            else:
+                lower = max(new_worst, left / (n - s - 1), last)
+                room = sum(rank_cap - rank_cost[q] for q in fut)
+            if lower < best * (1 - _REL) and room >= left * (1 - _REL):
+                sizes[s] = b - a
+                visit(s + 1, b, new_worst)
+            rank_cost[r] -= c
+
+    visit(0, 0, 0.0)
+    return best, best_sizes
 
 
 def _min_max_split(costs: list[float], first: float, last: float, n: int) -> list[int]:
@@ -116,12 +210,62 @@ def _min_max_split(costs: list[float], first: float, last: float, n: int) -> lis
     return sizes[::-1]
 
 
+def _evaluate(
+    sizes: list[int], costs: list[float], first: float, last: float, ranks: list[int]
+) -> tuple[float, float]:
+    """``(busiest rank, busiest group)`` cost of a split."""
+    rank_cost = [0.0] * (max(ranks) + 1)
+    worst_stage, a, n = 0.0, 0, len(sizes)
+    for s, size in enumerate(sizes):
+        c = sum(costs[a : a + size]) + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+        rank_cost[ranks[s]] += c
+        worst_stage = max(worst_stage, c)
+        a += size
+    return max(rank_cost), worst_stage
+
+
+def _rank_balanced_split(
+    costs: list[float], first: float, last: float, ranks: list[int], *, node_limit: int = 60_000
+) -> list[int]:
+    """Sizes of ``len(ranks)`` contiguous groups of ``costs``; group ``s`` runs on rank
+    ``ranks[s]``, group 0 also carries ``first`` and the last group ``last``.
+
+    Minimises the busiest rank's summed cost, then, among those splits, the busiest group's
+    cost. Middle groups hold at least one item, the end groups may hold none (a single group
+    holds everything). Each step is a depth-first branch and bound over the group sizes,
+    pruned by lower bounds (the ranks or groups still to come share what is left at best
+    evenly). It is exhaustive for a few dozen layers over up to 16 stages; beyond
+    ``node_limit`` visits per step it keeps the best split found, and the per-group balanced
+    split (:func:`_min_max_split`) when that is better, so the result is never worse than
+    balancing the groups alone. Deterministic either way.
+    """
+    rank_best, sizes = _search(costs, first, last, ranks, minimise="rank", node_limit=node_limit)
+    assert sizes is not None
+    _, by_stage = _search(
+        costs, first, last, ranks, minimise="stage", rank_cap=rank_best, node_limit=node_limit
+    )
+    candidates = [by_stage or sizes, sizes, _min_max_split(costs, first, last, len(ranks))]
+    return min(candidates, key=lambda c: _evaluate(c, costs, first, last, ranks))
+
+
 def split_layers(
-    args: ModelArgs, num_stages: int, *, seq_len: int, embedding_blocks: float = 0.5
+    args: ModelArgs,
+    num_stages: int,
+    *,
+    seq_len: int,
+    embedding_blocks: float = 0.5,
+    pp: int | None = None,
+    style: str = "loop",
+    recomputed: Sequence[bool] | None = None,
 ) -> list[list[str]]:
     """Layer names (``"0"``.. as in ``model.layers``) of each of ``num_stages`` stages, by cost.
 
-    Raises ValueError when there are fewer layers than stages.
+    ``pp`` ranks hold the stages (None: one stage per rank) in the placement ``style``; the
+    split balances the ranks' summed cost (module docstring). ``recomputed`` marks the
+    checkpointed blocks (:func:`block_costs`).
+
+    Raises ValueError when there are fewer layers than stages or the stages do not divide
+    evenly over the ranks.
     """
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
@@ -130,13 +274,30 @@ def split_layers(
             f"model.n_layers ({args.n_layers}) must be >= the number of pipeline "
             f"stages ({num_stages})"
         )
-    costs, embedding, head = block_costs(args, seq_len, embedding_blocks=embedding_blocks)
-    sizes = _min_max_split(costs, embedding, head, num_stages)
+    pp = num_stages if pp is None else pp
+    if pp < 1 or num_stages % pp:
+        raise ValueError(f"{num_stages} stages do not divide over {pp} pipeline ranks")
+    per_rank = num_stages // pp
+    ranks = [stage_to_rank(s, pp, per_rank, style) for s in range(num_stages)]
+    costs, embedding, head = block_costs(
+        args, seq_len, embedding_blocks=embedding_blocks, recomputed=recomputed
+    )
+    sizes = _rank_balanced_split(costs, embedding, head, ranks)
     names, start = [], 0
     for size in sizes:
         names.append([str(i) for i in range(start, start + size)])
         start += size
     return names
+
+
+def recomputed_blocks(n_layers: int, mode: str, every: int) -> list[bool] | None:
+    """Which blocks activation checkpointing recomputes, as
+    :func:`parallel.checkpointing.apply_activation_checkpointing` picks them (None: none)."""
+    if mode == "full":
+        return [True] * n_layers
+    if mode == "partial":
+        return [i % every == every - 1 for i in range(n_layers)]
+    return None
 
 
 def stage_ids_on_rank(pp_rank: int, pp: int, stages_per_rank: int, style: str) -> list[int]:
@@ -190,6 +351,15 @@ class PipelineStageModel(LinearLlama):
 
     ctx: StepContext
     computes_loss: bool
+    # The first stage's embedding, when a last stage on the same rank uses it as its tied head
+    # without a copy (a plain attribute: the parameter stays the first stage's alone).
+    shared_embedding: nn.Embedding | None = None
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        if self.output is None and self.shared_embedding is not None:
+            return self.shared_embedding.weight
+        return super().head_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx = self.ctx
@@ -204,14 +374,25 @@ class PipelineStageModel(LinearLlama):
 
 
 def build_stage_module(
-    model: LinearLlama, layer_names: list[str], *, is_first: bool, is_last: bool, ctx: StepContext
+    model: LinearLlama,
+    layer_names: list[str],
+    *,
+    is_first: bool,
+    is_last: bool,
+    ctx: StepContext,
+    share_tied_head: bool = False,
 ) -> PipelineStageModel:
     """A stage holding ``layer_names`` of ``model`` (the modules are shared, not copied).
 
     The first stage keeps ``tok_embeddings``, the last keeps ``norm`` and ``output``. With tied
     embeddings and a last stage that is not also the first, the last stage gets its own
     ``output`` Linear initialised from the embedding; :class:`parallel.pipeline.Pipeline` sums
-    the two gradients every step so the copies stay identical (see its docstring).
+    the two gradients every step so the copies stay identical (see its docstring). With
+    ``share_tied_head`` (the first stage on the same rank, the V placement) it uses the
+    embedding's own weight instead (``shared_embedding``), which then gets both gradients from
+    autograd; only valid when the stages' backward accumulates into every leaf it reaches
+    (not torch's split weight pass, which walks its own stage's parameters) and the parameter
+    is not sharded per stage (no FSDP).
     """
     stage = PipelineStageModel.__new__(PipelineStageModel)
     nn.Module.__init__(stage)
@@ -229,7 +410,10 @@ def build_stage_module(
     stage.layers = nn.ModuleDict({name: model.layers[name] for name in layer_names})
     stage.norm = model.norm if is_last else None
     stage.output = model.output if is_last else None
-    if is_last and model.output is None and model.tok_embeddings is not None and not is_first:
+    tied_elsewhere = is_last and not is_first and model.output is None
+    if tied_elsewhere and share_tied_head:
+        object.__setattr__(stage, "shared_embedding", model.tok_embeddings)
+    elif tied_elsewhere and model.tok_embeddings is not None:
         emb = model.tok_embeddings.weight
         head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype)
         with torch.no_grad():

@@ -65,8 +65,8 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
-    # Full checkpointing under the split backward: the merged weight pass
-    # (parallel/pipeline_weight_grad.py) must give the same result as torch's per-group one.
+    # Full checkpointing: the fused backward (parallel/pipeline_weight_grad.py), and rank 0,
+    # holding the first and the last stage, uses the embedding itself as the tied head.
     "pp2xdp2-ZBVZeroBubble-ckpt": (
         [
             *PP2,
@@ -75,6 +75,17 @@ CASES = {  # id: (parallel overrides, model overrides)
             "parallel.pp_stages_per_rank=2",
             "parallel.pp_microbatches=4",
             "parallel.activation_checkpointing=full",
+        ],
+        [],
+    ),
+    # No checkpointing: torch's split weight pass, so rank 0 keeps the head copy.
+    "pp2xdp2-ZBVZeroBubble-split": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=ZBVZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
         ],
         [],
     ),
@@ -90,8 +101,18 @@ CASES = {  # id: (parallel overrides, model overrides)
     ),
 }
 SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage)
-    "pp4-Interleaved1F1B": [[str(i)] for i in range(8)],
+    # Rank-balanced: rank 0 holds stages 0 and 4, so stage 0 keeps only the embedding.
+    "pp4-Interleaved1F1B": [[], ["0"], ["1"], ["2"], ["3", "4"], ["5"], ["6"], ["7"]],
     "pp2xdp2-1F1B-accum2": [["0", "1"], ["2", "3"]],
+}
+
+
+# Whether rank 0 (first and last stage under ZBV) holds a copy of the tied head: not with the
+# fused backward; yes with FSDP (the stages are sharded apart) and torch's split weight pass.
+HEAD_COPY_ON_RANK0 = {
+    "pp2xdp2-ZBVZeroBubble-ckpt": False,
+    "pp2xdp2-ZBVZeroBubble-fsdp": True,
+    "pp2xdp2-ZBVZeroBubble-split": True,
 }
 
 
@@ -102,6 +123,8 @@ def test_pipeline_matches_single_process(case, tmp_path_factory):
     results = run_case(parallel, model, tmp_path_factory)
     if case in SPLITS:
         assert results[0]["split"] == SPLITS[case]
+    if case in HEAD_COPY_ON_RANK0:
+        assert ("output.weight" in results[0]["params"]) == HEAD_COPY_ON_RANK0[case]
 
 
 @pytest.mark.timeout(180)

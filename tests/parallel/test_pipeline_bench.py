@@ -54,6 +54,7 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     row = data["rows"][0]
     assert row["split"] == [2, 2] and 0 <= row["bubble_measured"] < 1
     assert row["bubble_theory"] == pytest.approx(1 / 3)
+    assert len(row["busy_per_rank_s"]) == 2 and max(row["busy_per_rank_s"]) == row["busy_s"]
     assert set(data["meta"]) >= {"card", "torch", "command", "date"}
     assert "pp2" in data["headline"]
     table = subprocess.run(

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 
 from launch.config import ConfigError, load_config, validate
 from models.llama import LinearLlama
 from models.presets import get_preset
+from parallel.checkpointing import apply_activation_checkpointing
 from parallel.pipeline_split import (
     StepContext,
+    _evaluate,
+    _min_max_split,
+    _rank_balanced_split,
     block_costs,
     build_stage_module,
+    recomputed_blocks,
     split_layers,
     stage_ids_on_rank,
     stage_to_rank,
@@ -38,6 +46,85 @@ def test_split_keeps_names_contiguous_and_counts_softmax_layers():
     assert all(stages)
     with pytest.raises(ValueError, match="n_layers"):
         split_layers(args, 13, seq_len=64)
+
+
+def _brute_force(costs, first, last, ranks):
+    """Every split with middle groups non-empty: the best (busiest rank, busiest group)."""
+    n, m = len(ranks), len(costs)
+    best = None
+    for cuts in itertools.combinations_with_replacement(range(m + 1), n - 1):
+        bounds = [0, *cuts, m]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        if any(size < 1 for size in sizes[1:-1]):
+            continue
+        key = _evaluate(sizes, costs, first, last, ranks)
+        if best is None or key < best:
+            best = key
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rank_balanced_split_is_optimal(seed):
+    """The branch and bound finds the exhaustive optimum of (busiest rank, busiest stage) for
+    random layer costs, head and embedding, under the loop and V placements."""
+    rng = random.Random(seed)
+    m = rng.randint(4, 9)
+    pp = rng.choice([2, 3])
+    style = rng.choice(["loop", "v"])
+    per = 2
+    ranks = [stage_to_rank(s, pp, per, style) for s in range(pp * per)]  # m >= stages - 2
+    costs = [float(rng.choice([1, 1, 1, 3])) + rng.random() for _ in range(m)]
+    first, last = rng.random(), rng.uniform(0.0, 6.0)
+    sizes = _rank_balanced_split(costs, first, last, ranks)
+    assert sum(sizes) == m and all(size >= 1 for size in sizes[1:-1])
+    got = _evaluate(sizes, costs, first, last, ranks)
+    want = _brute_force(costs, first, last, ranks)
+    assert got[0] == pytest.approx(want[0], rel=1e-9)
+    assert got[1] == pytest.approx(want[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("pp,style", [(4, "v"), (4, "loop"), (2, "v")])
+def test_split_balances_ranks_not_stages(pp, style):
+    """Two stages per rank on Linear-Llama3-1B: per-stage balance put the head's stage and the
+    embedding's on one rank (7.8 blocks of work against 5 at pp 4 with V); the rank-balanced
+    split keeps the busiest rank within a block of the mean, and never worse than per-stage."""
+    args = get_preset("linear-llama3-1b")
+    recomputed = recomputed_blocks(args.n_layers, "full", 2)
+    costs, emb, head = block_costs(args, 32768, recomputed=recomputed)
+    ranks = [stage_to_rank(s, pp, 2, style) for s in range(2 * pp)]
+    split = split_layers(args, 2 * pp, seq_len=32768, pp=pp, style=style, recomputed=recomputed)
+    assert [n for stage in split for n in stage] == [str(i) for i in range(16)]
+    sizes = [len(stage) for stage in split]
+    busiest, _ = _evaluate(sizes, costs, emb, head, ranks)
+    mean = (sum(costs) + emb + head) / pp
+    assert busiest <= mean + costs[0]
+    per_stage = _min_max_split(costs, emb, head, 2 * pp)
+    assert busiest <= _evaluate(per_stage, costs, emb, head, ranks)[0]
+    if pp == 4:
+        assert busiest < 0.9 * _evaluate(per_stage, costs, emb, head, ranks)[0]
+
+
+def test_recompute_makes_blocks_dearer_than_the_head():
+    """Under full checkpointing a block costs 4/3 (its forward runs twice), the head does not
+    (its loss runs every head product in the forward): the last 1F1B stage takes more layers."""
+    args = get_preset("linear-llama3-1b")
+    plain, _, head = block_costs(args, 32768)
+    full, _, head_full = block_costs(args, 32768, recomputed=[True] * args.n_layers)
+    assert full[0] == pytest.approx(plain[0] * 4 / 3) and head_full == head
+    without = [len(s) for s in split_layers(args, 4, seq_len=32768)]
+    with_ckpt = [
+        len(s) for s in split_layers(args, 4, seq_len=32768, recomputed=[True] * args.n_layers)
+    ]
+    assert with_ckpt[-1] > without[-1]
+
+
+@pytest.mark.parametrize("mode,every", [("full", 2), ("partial", 2), ("partial", 3), ("none", 2)])
+def test_recomputed_blocks_match_the_checkpoint_wrapper(mode, every):
+    model = LinearLlama(get_preset("tiny", dim=32, ffn_dim=64, n_heads=2, n_layers=6))
+    apply_activation_checkpointing(model, mode=mode, every=every)
+    wrapped = [type(b).__name__ == "CheckpointWrapper" for b in model.layers.values()]
+    flags = recomputed_blocks(6, mode, every)
+    assert (flags or [False] * 6) == wrapped
 
 
 @pytest.mark.parametrize("pp", [2, 4])
@@ -113,3 +200,27 @@ def test_microbatches_must_divide_the_local_batch():
         None, ["parallel.pp=2", "parallel.pp_microbatches=4", "training.batch_size=8"]
     )
     validate(cfg, world_size=4)  # dp 2: 4 sequences per rank, 4 microbatches
+
+
+def test_last_stage_on_the_first_stages_rank_shares_the_tied_head():
+    """V placement: the last stage uses the embedding's own weight (no copy, no parameter of
+    its own), and the embedding's gradient is the tied model's (both uses accumulate)."""
+    torch.manual_seed(0)
+    model = LinearLlama(get_preset("tiny", dim=32, ffn_dim=64, n_heads=2))
+    ref = LinearLlama(get_preset("tiny", dim=32, ffn_dim=64, n_heads=2))
+    ref.load_state_dict(model.state_dict())
+    ctx = StepContext()
+    first = build_stage_module(model, ["0", "1"], is_first=True, is_last=False, ctx=ctx)
+    last = build_stage_module(
+        model, ["2", "3"], is_first=False, is_last=True, ctx=ctx, share_tied_head=True
+    )
+    assert last.output is None and last.head_weight is model.tok_embeddings.weight
+    assert "tok_embeddings.weight" not in dict(last.named_parameters())
+    names = [n for part in (first, last) for n, _ in part.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    tokens = torch.randint(0, 256, (2, 16))
+    labels = torch.randint(0, 256, (2, 16))
+    ctx.global_tokens, ctx.labels = torch.tensor(32.0), (labels,)
+    last(first(tokens)).sum().backward()
+    (ref.loss(ref(tokens), labels) / 32).backward()
+    torch.testing.assert_close(model.tok_embeddings.weight.grad, ref.tok_embeddings.weight.grad)
