@@ -342,6 +342,37 @@ def parse_args(argv: list[str]):
     return args
 
 
+def _write(args, rows: list[dict], world: int, *, final: bool) -> None:
+    """The JSON of the rows so far (rank 0; after every row, so a time limit loses little)."""
+    card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
+    meta = {
+        "card": card,
+        "world": world,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "microbatches": args.microbatches,
+        "activation_checkpointing": args.ac,
+        "fsdp": args.fsdp == "true",
+        "command": " ".join(["torchrun", f"--nproc_per_node={world}", *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    result = {"meta": meta, "headline": headline(rows), "rows": rows}
+    out = Path(
+        args.out
+        or f"benchmarks/results/pipeline{'_quick' if args.quick else ''}"
+        f"_{card.replace(' ', '_')}_x{world}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if final:
+        print(json.dumps(result["headline"], indent=1))
+        print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.table:
@@ -398,33 +429,10 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 print_row(row)
         rows.append(row)
+        if rank == 0:
+            _write(args, rows, world, final=False)
     if rank == 0:
-        card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
-        meta = {
-            "card": card,
-            "world": world,
-            "torch": torch.__version__,
-            "triton": _version("triton"),
-            "cuda": torch.version.cuda,
-            "python": sys.version.split()[0],
-            "preset": args.preset,
-            "seq_len": args.seq_len,
-            "microbatches": args.microbatches,
-            "activation_checkpointing": args.ac,
-            "fsdp": args.fsdp == "true",
-            "command": " ".join(["torchrun", f"--nproc_per_node={world}", *sys.argv]),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        }
-        result = {"meta": meta, "headline": headline(rows), "rows": rows}
-        out = Path(
-            args.out
-            or f"benchmarks/results/pipeline{'_quick' if args.quick else ''}"
-            f"_{card.replace(' ', '_')}_x{world}.json"
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(json.dumps(result["headline"], indent=1))
-        print(f"wrote {out}")
+        _write(args, rows, world, final=True)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
