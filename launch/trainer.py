@@ -153,7 +153,8 @@ class Trainer:
                 self._ddp = apply_ddp(
                     model, self.dims.group("dp_sp"), reduce_dtype=self._reduce_dtype
                 )
-        self.params = [q for m in self.model_parts for q in m.parameters()]
+        # Once each: a pipeline stage may list a parameter another stage owns (a shared head).
+        self.params = list(dict.fromkeys(q for m in self.model_parts for q in m.parameters()))
         self.optimizer = build_optimizer(self.params, cfg, fused=self.device_type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

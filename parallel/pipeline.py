@@ -22,8 +22,7 @@ copy is marked so that gradient clipping counts it once
 (:func:`parallel.data_parallel.exclude_from_grad_norm`). Checkpoints of the last stage hold the
 copy as ``output.weight``. When one rank holds both stages (the V placement) the head uses the
 embedding's own weight, no copy (a vocabulary x dim matrix with its gradient and optimizer state
-less on that rank), unless FSDP shards the stages separately or torch's split weight pass runs
-(then the copy is summed locally).
+less on that rank), unless FSDP shards the stages separately (then the copy is summed locally).
 """
 
 from __future__ import annotations
@@ -241,7 +240,6 @@ def build_pipeline(
     tied = model.args.tie_embeddings and model.output is None
     first_pp = stage_to_rank(0, dims.pp, per_rank, style)
     last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
-    backward_mode = "plain"
 
     # How the zero-bubble schedules run their backward (pipeline_weight_grad.py): torch's split
     # (input pass, per-group weight pass) does 1F1B's work without checkpointing, but replays a
@@ -254,8 +252,7 @@ def build_pipeline(
         mode = env_setting("LINSCALE_PP_ZB_BACKWARD", "auto", ("auto", *ZB_BACKWARD_MODES))
         if mode == "auto":
             mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
-        backward_mode = mode if install_zero_bubble_backward(mode) else "split"
-        if backward_mode != mode:
+        if not install_zero_bubble_backward(mode) and mode != "split":
             get_logger().warning(
                 "parallel.pp_schedule %s: this torch's pipelining has no hook for the %s "
                 "backward; its own split runs (a checkpointed block is recomputed once per "
@@ -271,9 +268,8 @@ def build_pipeline(
         "compile": cfg.training.compile,
     }
     # With the first and the last stage on one rank (V placement) the head uses the embedding
-    # itself, unless FSDP shards the stages apart or torch's split weight pass (which walks
-    # each stage's own parameters) would miss the head's share of its gradient.
-    share_head = tied and first_pp == last_pp and not p.fsdp and backward_mode in ("plain", "fused")
+    # itself, unless FSDP shards the two stages apart.
+    share_head = tied and first_pp == last_pp and not p.fsdp
     # All stages first (the last one may copy the embedding), then parallelise each.
     parts: list[nn.Module] = [
         build_stage_module(

@@ -7,14 +7,17 @@ Cost model (training FLOPs per token, forward + backward = 3x forward):
   grows with the sequence (``6 * T * dim`` causal) and for a linear-attention layer is a
   chunk's worth (``6 * (64 + 2 * head_dim) * dim``);
 - the head: ``6 * vocab * dim``, the output matmul and its two backward matmuls, all of which
-  the chunked cross-entropy runs (for Linear-Llama3-1B that is about four blocks);
-- the embedding: no matmul, but its backward writes a dense ``vocab x dim`` gradient and its
-  parameters carry optimizer state; it is charged ``embedding_blocks`` (default 0.5) blocks.
+  the chunked cross-entropy runs, times ``HEAD_TIME_PER_FLOP`` (0.8): its large GEMMs run
+  faster per FLOP than a block's mix of GEMMs, linear attention and elementwise work (4 x H100,
+  Linear-Llama3-1B at 32K, full checkpointing, per-rank stage busy times: the head took 2.55
+  to 2.7 checkpointed blocks against 3.2 by FLOPs); about 3.4 plain blocks for Linear-Llama3-1B;
+- the embedding: no matmul; its backward writes a dense ``vocab x dim`` gradient. Charged
+  ``embedding_blocks`` (default 0.1) blocks: the same measurement put the first stage's time at
+  its blocks' alone, within the noise.
 
 Activation checkpointing recomputes a block's forward in its backward, so a checkpointed block
 costs 4/3 of its plain training cost while the head (its loss computes every head product in
-the forward, nothing is recomputed) stays at 3x forward: under full checkpointing the head of
-Linear-Llama3-1B weighs about three blocks, not four.
+the forward, nothing is recomputed) stays at 3x forward.
 
 Stages are contiguous runs of layers with the embedding on stage 0 and the norm and head on the
 last stage; every middle stage holds at least one layer, the two end stages may hold none (the
@@ -53,13 +56,14 @@ __all__ = [
 ]
 
 _LINEAR_CHUNK = 64
+HEAD_TIME_PER_FLOP = 0.8  # the head's time per FLOP against a block's (module docstring)
 
 
 def block_costs(
     args: ModelArgs,
     seq_len: int,
     *,
-    embedding_blocks: float = 0.5,
+    embedding_blocks: float = 0.1,
     recomputed: Sequence[bool] | None = None,
 ) -> tuple[list[float], float, float]:
     """Per-block, embedding and head costs in training FLOPs per token.
@@ -89,7 +93,7 @@ def block_costs(
             matmul = 4 * d * d + 3 * d * f
             mixer = 6.0 * (_LINEAR_CHUNK + 2 * hd) * d
         costs.append(6.0 * matmul + mixer)
-    head = 6.0 * args.vocab_size * d
+    head = 6.0 * args.vocab_size * d * HEAD_TIME_PER_FLOP
     embedding = embedding_blocks * sum(costs) / len(costs)
     if recomputed is not None:
         costs = [c * (4.0 / 3.0 if r else 1.0) for c, r in zip(costs, recomputed)]
@@ -107,13 +111,15 @@ def _search(
     *,
     minimise: str,
     rank_cap: float = float("inf"),
+    stage_cap: float = float("inf"),
     node_limit: int = 1_000_000,
 ) -> tuple[float, list[int] | None]:
     """Depth-first branch and bound over contiguous group sizes (see
-    :func:`_rank_balanced_split`): the smallest busiest-rank cost (``minimise="rank"``) or
-    busiest-group cost (``"stage"``) among splits whose rank costs stay within ``rank_cap``.
-    Only strict improvements are kept, so ties go to the first split found, smallest early
-    groups first. Returns ``(value, sizes)``, sizes None when nothing fits the cap."""
+    :func:`_rank_balanced_split`): the smallest busiest-rank cost (``minimise="rank"``),
+    busiest-group cost (``"stage"``) or sum of squared group costs (``"squares"``) among the
+    splits whose rank and group costs stay within the caps. Only strict improvements are kept,
+    so ties go to the first split found (largest early groups first). Returns
+    ``(value, sizes)``, sizes None when nothing fits the caps."""
     n, m = len(ranks), len(costs)
     prefix = [0.0]
     for c in costs:
@@ -128,41 +134,51 @@ def _search(
     rank_cost = [0.0] * (max(ranks) + 1)
     sizes = [0] * n
     best, best_sizes, nodes = float("inf"), None, 0
-    by_rank = minimise == "rank"
 
-    def visit(s: int, a: int, worst: float) -> None:
+    def visit(s: int, a: int, value: float) -> None:
+        """``value``: the objective of groups 0..s-1 (a max, or a sum of squares)."""
         nonlocal best, best_sizes, nodes
         nodes += 1
         if nodes > node_limit:
             return
         r = ranks[s]
-        cap = min(rank_cap, best) if by_rank else rank_cap
+        r_cap = min(rank_cap, best) if minimise == "rank" else rank_cap
+        s_cap = min(stage_cap, best) if minimise == "stage" else stage_cap
         hi = m if s == n - 1 else m - later_min[s + 1]
         lo = m if s == n - 1 else a + min_size[s]
         # Largest groups first: filling each group up to what the bounds allow finds a good
         # split at once, and the later, smaller candidates are mostly pruned.
         for b in range(hi, lo - 1, -1):
             c = prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
-            if rank_cost[r] + c > cap * (1 + _REL):
+            if rank_cost[r] + c > r_cap * (1 + _REL) or c > s_cap * (1 + _REL):
                 continue
-            new_worst = max(worst, rank_cost[r] + c if by_rank else c)
-            if new_worst >= best * (1 - _REL):
+            if minimise == "rank":
+                new_value = max(value, rank_cost[r] + c)
+            elif minimise == "stage":
+                new_value = max(value, c)
+            else:
+                new_value = value + c * c
+            if new_value >= best * (1 - _REL):
                 continue
             if s == n - 1:
-                best, best_sizes = new_worst, [*sizes[:s], b - a]
+                best, best_sizes = new_value, [*sizes[:s], b - a]
                 return
             rank_cost[r] += c
             left = prefix[m] - prefix[b] + last
             fut = future[s + 1]
-            room = sum(min(rank_cap, best) - rank_cost[q] for q in fut) if by_rank else 0.0
-            if by_rank:
-                lower = max(new_worst, (sum(rank_cost[q] for q in fut) + left) / len(fut))
+            groups_left = n - s - 1
+            room = sum(r_cap - rank_cost[q] for q in fut)
+            # What is left can at best be spread evenly over the ranks / groups to come.
+            if minimise == "rank":
+                lower = max(new_value, (sum(rank_cost[q] for q in fut) + left) / len(fut))
+            elif minimise == "stage":
+                lower = max(new_value, left / groups_left, last)
             else:
-                lower = max(new_worst, left / (n - s - 1), last)
-                room = sum(rank_cap - rank_cost[q] for q in fut)
-            if lower < best * (1 - _REL) and room >= left * (1 - _REL):
+                lower = new_value + left * left / groups_left
+            fits = room >= left * (1 - _REL) and left <= s_cap * groups_left * (1 + _REL)
+            if lower < best * (1 - _REL) and fits:
                 sizes[s] = b - a
-                visit(s + 1, b, new_worst)
+                visit(s + 1, b, new_value)
             rank_cost[r] -= c
 
     visit(0, 0, 0.0)
@@ -212,16 +228,16 @@ def _min_max_split(costs: list[float], first: float, last: float, n: int) -> lis
 
 def _evaluate(
     sizes: list[int], costs: list[float], first: float, last: float, ranks: list[int]
-) -> tuple[float, float]:
-    """``(busiest rank, busiest group)`` cost of a split."""
+) -> tuple[float, float, float]:
+    """``(busiest rank, busiest group, sum of squared group costs)`` of a split."""
     rank_cost = [0.0] * (max(ranks) + 1)
-    worst_stage, a, n = 0.0, 0, len(sizes)
+    stage_cost, a, n = [], 0, len(sizes)
     for s, size in enumerate(sizes):
         c = sum(costs[a : a + size]) + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
         rank_cost[ranks[s]] += c
-        worst_stage = max(worst_stage, c)
+        stage_cost.append(c)
         a += size
-    return max(rank_cost), worst_stage
+    return max(rank_cost), max(stage_cost), sum(c * c for c in stage_cost)
 
 
 def _rank_balanced_split(
@@ -231,20 +247,34 @@ def _rank_balanced_split(
     ``ranks[s]``, group 0 also carries ``first`` and the last group ``last``.
 
     Minimises the busiest rank's summed cost, then, among those splits, the busiest group's
-    cost. Middle groups hold at least one item, the end groups may hold none (a single group
-    holds everything). Each step is a depth-first branch and bound over the group sizes,
-    pruned by lower bounds (the ranks or groups still to come share what is left at best
-    evenly). It is exhaustive for a few dozen layers over up to 16 stages; beyond
-    ``node_limit`` visits per step it keeps the best split found, and the per-group balanced
-    split (:func:`_min_max_split`) when that is better, so the result is never worse than
-    balancing the groups alone. Deterministic either way.
+    cost, then the sum of squared group costs. Middle groups hold at least one item, the end
+    groups may hold none (a single group holds everything). Each step is a depth-first branch
+    and bound over the group sizes, pruned by lower bounds (the ranks or groups still to come
+    share what is left at best evenly). It is exhaustive for a few dozen layers over up to 16
+    stages; beyond ``node_limit`` visits per step it keeps the best split found, and the
+    per-group balanced split (:func:`_min_max_split`) when that is better, so the result is
+    never worse than balancing the groups alone. Deterministic either way.
     """
-    rank_best, sizes = _search(costs, first, last, ranks, minimise="rank", node_limit=node_limit)
+    kw = {"node_limit": node_limit}
+    rank_best, sizes = _search(costs, first, last, ranks, minimise="rank", **kw)
     assert sizes is not None
-    _, by_stage = _search(
-        costs, first, last, ranks, minimise="stage", rank_cap=rank_best, node_limit=node_limit
+    stage_best, by_stage = _search(
+        costs, first, last, ranks, minimise="stage", rank_cap=rank_best, **kw
     )
-    candidates = [by_stage or sizes, sizes, _min_max_split(costs, first, last, len(ranks))]
+    if by_stage is not None:
+        sizes = by_stage
+        _, by_squares = _search(
+            costs,
+            first,
+            last,
+            ranks,
+            minimise="squares",
+            rank_cap=rank_best,
+            stage_cap=stage_best,
+            **kw,
+        )
+        sizes = by_squares or sizes
+    candidates = [sizes, _min_max_split(costs, first, last, len(ranks))]
     return min(candidates, key=lambda c: _evaluate(c, costs, first, last, ranks))
 
 
@@ -253,7 +283,7 @@ def split_layers(
     num_stages: int,
     *,
     seq_len: int,
-    embedding_blocks: float = 0.5,
+    embedding_blocks: float = 0.1,
     pp: int | None = None,
     style: str = "loop",
     recomputed: Sequence[bool] | None = None,
@@ -361,6 +391,17 @@ class PipelineStageModel(LinearLlama):
             return self.shared_embedding.weight
         return super().head_weight
 
+    def parameters(self, recurse: bool = True):
+        """This stage's parameters, and the shared embedding's weight after them: torch's
+        pipelining computes a stage's weight gradients (its split weight pass included) for
+        ``submod.parameters()``, so the head's share of that gradient is not missed. The
+        weight stays out of ``named_parameters`` / ``state_dict`` (the first stage owns it);
+        whoever collects the parameters of several stages must drop the repeat (the trainer
+        does)."""
+        yield from super().parameters(recurse)
+        if self.shared_embedding is not None:
+            yield self.shared_embedding.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx = self.ctx
         with torch.autocast(
@@ -389,10 +430,9 @@ def build_stage_module(
     ``output`` Linear initialised from the embedding; :class:`parallel.pipeline.Pipeline` sums
     the two gradients every step so the copies stay identical (see its docstring). With
     ``share_tied_head`` (the first stage on the same rank, the V placement) it uses the
-    embedding's own weight instead (``shared_embedding``), which then gets both gradients from
-    autograd; only valid when the stages' backward accumulates into every leaf it reaches
-    (not torch's split weight pass, which walks its own stage's parameters) and the parameter
-    is not sharded per stage (no FSDP).
+    embedding's own weight instead (``shared_embedding``), which then gets both gradients (the
+    stage lists it in ``parameters()`` for torch's weight pass); only valid while the
+    parameter is not sharded per stage (no FSDP).
     """
     stage = PipelineStageModel.__new__(PipelineStageModel)
     nn.Module.__init__(stage)

@@ -78,7 +78,7 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
-    # No checkpointing: torch's split weight pass, so rank 0 keeps the head copy.
+    # No checkpointing: torch's split weight pass computes the shared head's gradient too.
     "pp2xdp2-ZBVZeroBubble-split": (
         [
             *PP2,
@@ -88,6 +88,17 @@ CASES = {  # id: (parallel overrides, model overrides)
             "parallel.pp_microbatches=4",
         ],
         [],
+    ),
+    # A wide vocabulary makes the head weigh ~4 blocks: the end stages hold no layer.
+    "pp2xdp2-ZBVZeroBubble-empty-ends": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=ZBVZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
+        ],
+        ["model.vocab_size=4096"],
     ),
     "pp2xdp2-InterleavedZeroBubble": (
         [
@@ -101,18 +112,19 @@ CASES = {  # id: (parallel overrides, model overrides)
     ),
 }
 SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage)
-    # Rank-balanced: rank 0 holds stages 0 and 4, so stage 0 keeps only the embedding.
-    "pp4-Interleaved1F1B": [[], ["0"], ["1"], ["2"], ["3", "4"], ["5"], ["6"], ["7"]],
+    "pp4-Interleaved1F1B": [[str(i)] for i in range(8)],
+    # Rank 0 holds the embedding, and a head of ~4 blocks: both its stages get no layer.
+    "pp2xdp2-ZBVZeroBubble-empty-ends": [[], ["0", "1"], ["2", "3"], []],
     "pp2xdp2-1F1B-accum2": [["0", "1"], ["2", "3"]],
 }
 
 
-# Whether rank 0 (first and last stage under ZBV) holds a copy of the tied head: not with the
-# fused backward; yes with FSDP (the stages are sharded apart) and torch's split weight pass.
+# Whether rank 0 (first and last stage under ZBV) holds a copy of the tied head: only with FSDP
+# (the stages are sharded apart); the fused backward and torch's split weight pass share it.
 HEAD_COPY_ON_RANK0 = {
     "pp2xdp2-ZBVZeroBubble-ckpt": False,
     "pp2xdp2-ZBVZeroBubble-fsdp": True,
-    "pp2xdp2-ZBVZeroBubble-split": True,
+    "pp2xdp2-ZBVZeroBubble-split": False,
 }
 
 

@@ -29,7 +29,8 @@ from parallel.pipeline_split import (
 def test_split_weighs_head_and_embedding():
     args = get_preset("linear-llama3-1b")
     costs, emb, head = block_costs(args, 32768)
-    assert 3.5 < head / costs[0] < 4.5  # 6 V D against ~6 x 67M: the head is ~4 blocks
+    # 6 V D against ~6 x 67M is ~3.9 blocks by FLOPs; its GEMMs run faster per FLOP (x 0.8).
+    assert 2.8 < head / costs[0] < 3.5
     sizes = [len(s) for s in split_layers(args, 4, seq_len=32768)]
     assert sum(sizes) == 16 and sizes[-1] == min(sizes) and sizes[-1] < 16 / 4
     stage_cost = []
@@ -49,7 +50,8 @@ def test_split_keeps_names_contiguous_and_counts_softmax_layers():
 
 
 def _brute_force(costs, first, last, ranks):
-    """Every split with middle groups non-empty: the best (busiest rank, busiest group)."""
+    """Every split with middle groups non-empty: the best (busiest rank, busiest group, sum of
+    squared group costs)."""
     n, m = len(ranks), len(costs)
     best = None
     for cuts in itertools.combinations_with_replacement(range(m + 1), n - 1):
@@ -63,10 +65,11 @@ def _brute_force(costs, first, last, ranks):
     return best
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_rank_balanced_split_is_optimal(seed):
-    """The branch and bound finds the exhaustive optimum of (busiest rank, busiest stage) for
-    random layer costs, head and embedding, under the loop and V placements."""
+    """The branch and bound finds the exhaustive optimum of (busiest rank, busiest stage, sum
+    of squared stage costs) for random layer costs, head and embedding, under the loop and V
+    placements."""
     rng = random.Random(seed)
     m = rng.randint(4, 9)
     pp = rng.choice([2, 3])
@@ -81,13 +84,15 @@ def test_rank_balanced_split_is_optimal(seed):
     want = _brute_force(costs, first, last, ranks)
     assert got[0] == pytest.approx(want[0], rel=1e-9)
     assert got[1] == pytest.approx(want[1], rel=1e-9)
+    assert got[2] == pytest.approx(want[2], rel=1e-9)
 
 
 @pytest.mark.parametrize("pp,style", [(4, "v"), (4, "loop"), (2, "v")])
 def test_split_balances_ranks_not_stages(pp, style):
-    """Two stages per rank on Linear-Llama3-1B: per-stage balance put the head's stage and the
-    embedding's on one rank (7.8 blocks of work against 5 at pp 4 with V); the rank-balanced
-    split keeps the busiest rank within a block of the mean, and never worse than per-stage."""
+    """Two stages per rank on Linear-Llama3-1B (full checkpointing): per-stage balance puts the
+    head's stage and another heavy one on one rank (5.4 checkpointed blocks of work at pp 4 with
+    V, the mean being 4.6; 7.8 against 5 under the first cost model); the rank-balanced split
+    keeps the busiest rank within a block of the mean, and never worse than per-stage."""
     args = get_preset("linear-llama3-1b")
     recomputed = recomputed_blocks(args.n_layers, "full", 2)
     costs, emb, head = block_costs(args, 32768, recomputed=recomputed)
@@ -95,13 +100,13 @@ def test_split_balances_ranks_not_stages(pp, style):
     split = split_layers(args, 2 * pp, seq_len=32768, pp=pp, style=style, recomputed=recomputed)
     assert [n for stage in split for n in stage] == [str(i) for i in range(16)]
     sizes = [len(stage) for stage in split]
-    busiest, _ = _evaluate(sizes, costs, emb, head, ranks)
+    busiest, *_ = _evaluate(sizes, costs, emb, head, ranks)
     mean = (sum(costs) + emb + head) / pp
     assert busiest <= mean + costs[0]
     per_stage = _min_max_split(costs, emb, head, 2 * pp)
     assert busiest <= _evaluate(per_stage, costs, emb, head, ranks)[0]
     if pp == 4:
-        assert busiest < 0.9 * _evaluate(per_stage, costs, emb, head, ranks)[0]
+        assert busiest < 0.95 * _evaluate(per_stage, costs, emb, head, ranks)[0]
 
 
 def test_recompute_makes_blocks_dearer_than_the_head():
