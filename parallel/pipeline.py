@@ -44,6 +44,7 @@ from dist.parallel_dims import ParallelDims
 from models.env_settings import env_setting
 from models.llama import LinearLlama
 from parallel.data_parallel import exclude_from_grad_norm
+from parallel.deferred_wgrad import WeightGradStore, defer_linear_weight_grads
 from parallel.parallelize import parallelize_model
 from parallel.pipeline_split import (
     StepContext,
@@ -111,6 +112,7 @@ class Pipeline:
         layout: str,
         tie: tuple | None,
         n_microbatches: int,
+        wgrad_stores: list[WeightGradStore] | None = None,
     ) -> None:
         self.model_parts = model_parts
         self.stages = stages
@@ -126,6 +128,7 @@ class Pipeline:
         self.has_last = self.num_stages - 1 in stage_ids
         # (embedding module or None, head copy module or None, group or None)
         self._tie = tie
+        self._wgrad_stores = wgrad_stores or []
 
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dims.sp_enabled:
@@ -165,6 +168,11 @@ class Pipeline:
         args = (inputs,) if self.has_first else ()
         target = labels if self.has_last else None
         self.schedule.step(*args, target=target, losses=losses)
+        if any(store.pending for store in self._wgrad_stores):
+            raise RuntimeError(
+                "deferred weight gradients were left unapplied after the pipeline step: the "
+                f"schedule {type(self.schedule).__name__} ran a backward without its weight pass"
+            )
         if not self.has_last:
             return torch.zeros((), dtype=torch.float32, device=global_tokens.device)
         return torch.stack([loss.detach().float().sum() for loss in losses]).sum()
@@ -241,24 +249,37 @@ def build_pipeline(
     first_pp = stage_to_rank(0, dims.pp, per_rank, style)
     last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
 
-    # How the zero-bubble schedules run their backward (pipeline_weight_grad.py): torch's split
-    # (input pass, per-group weight pass) does 1F1B's work without checkpointing, but replays a
-    # checkpointed block once per parameter group; with checkpointing the fused backward runs
-    # (the whole backward in the input slot: 32K, pp 2, 2 x H100: ZBV 3.16 s / 30.6 GB and
-    # InterleavedZeroBubble 3.09 s / 32.9 GB against 1F1B's 3.12 s / 28.0 GB; the merged
-    # weight pass took 4.68 / 4.06 s at 66.5 / 55.2 GB). LINSCALE_PP_ZB_BACKWARD (auto, split,
-    # merged, fused) overrides the choice.
+    # How the zero-bubble schedules run their backward. "deferred" (deferred_wgrad.py, the
+    # default without FSDP): B is a full backward in which the blocks' linear layers leave
+    # (x, dy) for W, so nothing is recomputed twice and no graph outlives B. The others
+    # (pipeline_weight_grad.py): torch's split (input pass, per-group weight pass) does 1F1B's
+    # work without checkpointing, but keeps the whole graph until W and replays a checkpointed
+    # block once per parameter group; "fused" runs the whole backward in the input slot
+    # (32K, pp 2, 2 x H100: ZBV 3.16 s / 30.6 GB and InterleavedZeroBubble 3.09 s / 32.9 GB
+    # against 1F1B's 3.12 s / 28.0 GB; the merged weight pass took 4.68 / 4.06 s at 66.5 /
+    # 55.2 GB). LINSCALE_PP_ZB_BACKWARD (auto, deferred, split, merged, fused) overrides it.
+    zb_mode = None
     if p.pp_schedule in ZERO_BUBBLE_SCHEDULES:
-        mode = env_setting("LINSCALE_PP_ZB_BACKWARD", "auto", ("auto", *ZB_BACKWARD_MODES))
-        if mode == "auto":
-            mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
-        if not install_zero_bubble_backward(mode) and mode != "split":
+        zb_mode = env_setting("LINSCALE_PP_ZB_BACKWARD", "auto", ("auto", *ZB_BACKWARD_MODES))
+        deferrable = not p.fsdp and "dw_builder" in inspect.signature(PipelineStage).parameters
+        if zb_mode == "deferred" and not deferrable:
+            raise ValueError(
+                "LINSCALE_PP_ZB_BACKWARD=deferred needs parallel.fsdp false (FSDP reduces the "
+                "gradients inside the backward, before the deferred weight pass) and a torch "
+                "whose PipelineStage takes dw_builder"
+            )
+        if zb_mode == "auto":
+            if deferrable:
+                zb_mode = "deferred"
+            else:
+                zb_mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
+        if not install_zero_bubble_backward(zb_mode) and zb_mode not in ("split", "deferred"):
             get_logger().warning(
                 "parallel.pp_schedule %s: this torch's pipelining has no hook for the %s "
                 "backward; its own split runs (a checkpointed block is recomputed once per "
                 "parameter group)",
                 p.pp_schedule,
-                mode,
+                zb_mode,
             )
     extra = {
         "checkpoint_every": p.checkpoint_every,
@@ -302,10 +323,17 @@ def build_pipeline(
         tie = (emb, head, group)
 
     pp_group = dims.group("pp")
-    stages = []
+    stages, stores = [], []
     for part, s in zip(parts, stage_ids):
         stage_cls = _LastStage if s == num_stages - 1 else PipelineStage
-        stage = stage_cls(part, s, num_stages, device, group=pp_group)
+        kw = {}
+        if zb_mode == "deferred":
+            store = defer_linear_weight_grads(part)
+            stores.append(store)
+            kw["dw_builder"] = store.builder
+        stage = stage_cls(part, s, num_stages, device, group=pp_group, **kw)
+        if zb_mode == "deferred":
+            stores[-1].arm(stage)
         stage.ctx = ctx
         stages.append(stage)
     cls = get_schedule_class(p.pp_schedule)
@@ -342,6 +370,7 @@ def build_pipeline(
         layout=p.layout,
         tie=tie,
         n_microbatches=m,
+        wgrad_stores=stores,
     )
 
 

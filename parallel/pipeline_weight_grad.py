@@ -84,7 +84,7 @@ def merged_stage_backward_weight(
 
 _TORCH: dict = {}  # torch's own stage_backward_input / stage_backward_weight, to restore them
 
-ZB_BACKWARD_MODES = ("split", "merged", "fused")
+ZB_BACKWARD_MODES = ("deferred", "split", "merged", "fused")
 
 
 def fused_stage_backward_input(stage_outputs_or_loss, output_grads, input_values, weights):
@@ -112,6 +112,8 @@ def install_zero_bubble_backward(mode: str) -> bool:
     - ``"fused"``: :func:`fused_stage_backward_input`: the whole backward in the input slot
       (one recompute, nothing retained), an empty weight pass. The schedule's order stays;
       its weight slots no longer fill bubbles.
+    - ``"deferred"``: torch's functions stay (the stages take the
+      :mod:`parallel.deferred_wgrad` path, which does not call them).
 
     Returns False (and changes nothing) when this torch's pipelining lacks the expected hook
     points ``stage_backward_input(outputs, grads, inputs, weights)`` and

@@ -65,8 +65,8 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
-    # Full checkpointing: the fused backward (parallel/pipeline_weight_grad.py), and rank 0,
-    # holding the first and the last stage, uses the embedding itself as the tied head.
+    # Full checkpointing under the deferred weight pass (the down projection of each block
+    # keeps its own backward), and the shared tied head on rank 0.
     "pp2xdp2-ZBVZeroBubble-ckpt": (
         [
             *PP2,
@@ -78,8 +78,8 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
-    # No checkpointing: torch's split weight pass computes the shared head's gradient too.
-    "pp2xdp2-ZBVZeroBubble-split": (
+    # The deferred weight pass (parallel/deferred_wgrad.py), the shared tied head on rank 0.
+    "pp2xdp2-ZBVZeroBubble": (
         [
             *PP2,
             "parallel.dp=2",
@@ -120,11 +120,11 @@ SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage
 
 
 # Whether rank 0 (first and last stage under ZBV) holds a copy of the tied head: only with FSDP
-# (the stages are sharded apart); the fused backward and torch's split weight pass share it.
+# (the stages are sharded apart).
 HEAD_COPY_ON_RANK0 = {
     "pp2xdp2-ZBVZeroBubble-ckpt": False,
     "pp2xdp2-ZBVZeroBubble-fsdp": True,
-    "pp2xdp2-ZBVZeroBubble-split": False,
+    "pp2xdp2-ZBVZeroBubble": False,
 }
 
 
@@ -137,6 +137,25 @@ def test_pipeline_matches_single_process(case, tmp_path_factory):
         assert results[0]["split"] == SPLITS[case]
     if case in HEAD_COPY_ON_RANK0:
         assert ("output.weight" in results[0]["params"]) == HEAD_COPY_ON_RANK0[case]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_zero_bubble_fallback_backwards(mode, monkeypatch, tmp_path_factory):
+    """The backwards FSDP falls back to (LINSCALE_PP_ZB_BACKWARD), here without FSDP: torch's
+    split weight pass (which walks each stage's parameters(): the shared head's gradient must
+    not be missed) and the fused backward, with full checkpointing."""
+    monkeypatch.setenv("LINSCALE_PP_ZB_BACKWARD", mode)
+    parallel = [
+        *PP2,
+        "parallel.dp=2",
+        "parallel.pp_schedule=ZBVZeroBubble",
+        "parallel.pp_stages_per_rank=2",
+        "parallel.pp_microbatches=4",
+        "parallel.activation_checkpointing=full",
+    ]
+    results = run_case(parallel, [], tmp_path_factory)
+    assert "output.weight" not in results[0]["params"]
 
 
 @pytest.mark.timeout(180)

@@ -1,0 +1,143 @@
+"""Deferred weight gradients for the zero-bubble pipeline schedules.
+
+A zero-bubble schedule splits each stage's backward into B (the input gradients, on the critical
+path to the previous stage) and W (the weight gradients, moved into bubbles). torch's own split
+keeps the stage's whole autograd graph, every saved activation included, from B to W, and with
+activation checkpointing replays each block once per parameter group
+(:mod:`parallel.pipeline_weight_grad`). Here B is an ordinary full backward that frees the
+graph, except that every ``nn.Linear`` of the stage's blocks (where nearly all weight-gradient
+FLOPs are) computes only ``dx = dy W`` and leaves ``(x, dy)`` in a :class:`WeightGradStore`;
+W computes ``dW = dy^T x`` for what that B left and adds it to ``weight.grad``. So each block
+runs forward (plus one recompute under checkpointing) as in 1F1B, W needs no recompute, and
+between B and W a microbatch holds only the linear layers' inputs and output gradients.
+
+Applied from outside (:func:`defer_linear_weight_grads` rebinds the layers' ``forward``); the
+stage hands :meth:`WeightGradStore.builder` to ``PipelineStage(dw_builder=...)``, which calls it
+after each B and runs the returned closure in that microbatch's W slot (at once for a full
+backward), and :meth:`WeightGradStore.arm` limits the deferral to those backward actions. Not
+for FSDP-sharded parameters (their gradients are reduced in the backward's hooks, before W) nor
+compiled blocks.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+__all__ = ["WeightGradStore", "defer_linear_weight_grads"]
+
+
+class WeightGradStore:
+    """The ``(x, dy, weight)`` triples that B left, until the matching W takes them.
+
+    Deferral is on only while ``armed`` (during the stage's own backward actions, see
+    :meth:`arm`): any other backward through the layers (torch's shape inference runs one on
+    the first step) gets ordinary weight gradients.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, nn.Parameter]] = []
+        self.armed = False
+
+    def arm(self, stage) -> None:
+        """Defer during ``stage.backward_one_chunk`` (a ``PipelineStage``), and only then."""
+        inner = stage.backward_one_chunk
+
+        def backward_one_chunk(*args, **kwargs):
+            self.armed = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.armed = False
+
+        stage.backward_one_chunk = backward_one_chunk
+
+    def builder(self) -> Callable[[], None]:
+        """Takes what the last backward left; the returned closure adds the weight gradients."""
+        items, self.pending = self.pending, []
+
+        def run() -> None:
+            for x, dy, weight in items:
+                dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+                dw = dw.to(weight.dtype)
+                if weight.grad is None:
+                    weight.grad = dw
+                else:
+                    weight.grad.add_(dw)
+            items.clear()
+
+        return run
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """``y = x W^T`` (no bias) whose backward returns only ``dx`` and stores ``(x, dy, W)``.
+
+    Mirrors autocast's linear: x and W cast to the autocast dtype, the product in it, ``dx``
+    returned in x's dtype and ``dW`` (in the compute dtype, as autocast's GEMM gives it) added
+    to the fp32 master gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, store):
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, weight.to(dtype))
+        ctx.save_for_backward(xc)
+        # The parameter itself, not a saved tensor: under activation checkpointing a saved
+        # tensor unpacks as a detached alias, whose .grad is not the parameter's.
+        ctx.weight, ctx.store, ctx.x_dtype = weight, store, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (xc,) = ctx.saved_tensors
+        weight = ctx.weight
+        dx = dy.matmul(weight.to(dy.dtype)).to(ctx.x_dtype)
+        if ctx.store.armed:
+            ctx.store.pending.append((xc, dy, weight))
+            return dx, None, None
+        dw = dy.reshape(-1, dy.shape[-1]).t().mm(xc.reshape(-1, xc.shape[-1]))
+        return dx, dw.to(weight.dtype), None
+
+
+def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _DeferredLinear.apply(x, self.weight, self._wgrad_store)
+
+
+def defer_linear_weight_grads(module: nn.Module) -> WeightGradStore:
+    """Make the bias-free ``nn.Linear`` layers of each block in ``module.layers`` defer their
+    weight gradients to one new store (returned); layers with a bias keep their backward.
+
+    In an activation-checkpointed block the last linear layer (registration order, which is
+    execution order for the blocks here: the MLP's down projection) keeps its ordinary
+    backward: the recompute stops as soon as the last saved tensor is packed, and a built-in
+    matmul packs its inputs before it runs, so torch's early stop skips that layer's matmul in
+    the recompute; an autograd Function packs after its forward and would cost the product
+    again (``tests/parallel/test_pipeline_flops.py`` counts it).
+    """
+    store = WeightGradStore()
+    for block in module.layers.values():
+        linears = [
+            sub
+            for sub in block.modules()
+            if isinstance(sub, nn.Linear) and sub.bias is None and sub.weight.requires_grad
+        ]
+        if isinstance(block, CheckpointWrapper) and linears:
+            linears = linears[:-1]
+        for sub in linears:
+            sub._wgrad_store = store
+            sub.forward = types.MethodType(_deferred_forward, sub)
+    return store
