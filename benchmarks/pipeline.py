@@ -173,8 +173,10 @@ def run_config(c: dict, args, run_dir: str) -> dict:
     trainer = Trainer(cfg)
     device = trainer.device
     timer = StageTimer(trainer.pipeline.stages, device) if trainer.pipeline else None
+    first = None
     for _ in range(args.warmup):
-        trainer.train_step()
+        r = trainer.train_step()
+        first = first or r  # step 1 from the seeded init: equal across schedules to rounding
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if timer:
@@ -190,6 +192,8 @@ def run_config(c: dict, args, run_dir: str) -> dict:
         "busy_s": sorted(busy)[len(busy) // 2],
         "tokens": tokens,
         "loss": r.loss,
+        "first_loss": first.loss if first else None,
+        "first_grad_norm": first.grad_norm if first else None,
         "num_params": trainer.num_params,
         "peak_mem_gb": (
             torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
@@ -221,6 +225,10 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
             "bubble_theory": theory if c["pp"] > 1 else None,
             "vs_ideal": step / (busy / (1.0 - theory)) if c["pp"] > 1 else None,
             "loss": rows[0]["loss"],
+            # Step 1 (the first warm-up step, from the same seeded init for every
+            # configuration): its loss and gradient norm must agree across schedules.
+            "first_loss": rows[0]["first_loss"],
+            "first_grad_norm": rows[0]["first_grad_norm"],
             "split": [len(s) for s in rows[0]["split"]] if rows[0]["split"] else None,
             # Per global rank: where the work and the memory sit (a rank holding the head and
             # the embedding, or more layers, shows up here).
@@ -270,7 +278,8 @@ def print_row(r: dict) -> None:
         f"{r['name']:<32} step {r['step_s']:7.3f} s  {r['tokens_per_s']:9.0f} tok/s  "
         f"MFU {_fmt(r['mfu'], '.3f')}  mem {_fmt(r['peak_mem_gb'], '.1f')} GB  "
         f"bubble {_fmt(r['bubble_measured'], '.3f')} (theory {_fmt(r['bubble_theory'], '.3f')})"
-        f"  vs ideal {_fmt(r['vs_ideal'], '.3f')}  split {r['split']}",
+        f"  vs ideal {_fmt(r['vs_ideal'], '.3f')}  split {r['split']}  step-1 loss "
+        f"{_fmt(r.get('first_loss'), '.6f')} norm {_fmt(r.get('first_grad_norm'), '.6f')}",
         flush=True,
     )
 

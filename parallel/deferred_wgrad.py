@@ -22,6 +22,7 @@ compiled blocks.
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,22 @@ class WeightGradStore:
     def __init__(self) -> None:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, nn.Parameter]] = []
         self.armed = False
+        # The last input cast to the compute dtype, (input, its version, cast) as weak
+        # references: q/k/v and the MLP's gate/up read one input and share one saved cast.
+        self._last_cast: tuple | None = None
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x.to(dtype)``, the same tensor for consecutive calls on the same unchanged x."""
+        if x.dtype == dtype:
+            return x
+        if self._last_cast is not None:
+            ref, version, cast_ref = self._last_cast
+            cast = cast_ref()
+            if ref() is x and version == x._version and cast is not None and cast.dtype == dtype:
+                return cast
+        cast = x.to(dtype)
+        self._last_cast = (weakref.ref(x), x._version, weakref.ref(cast))
+        return cast
 
     def arm(self, stage) -> None:
         """Defer during ``stage.backward_one_chunk`` (a ``PipelineStage``), and only then."""
@@ -86,13 +103,14 @@ class _DeferredLinear(torch.autograd.Function):
 
     Mirrors autocast's linear: x and W cast to the autocast dtype, the product in it, ``dx``
     returned in x's dtype and ``dW`` (in the compute dtype, as autocast's GEMM gives it) added
-    to the fp32 master gradient.
+    to the fp32 master gradient. Layers reading the same input share its saved cast (autocast
+    casts and saves it once per layer), which also shrinks what waits for W.
     """
 
     @staticmethod
     def forward(ctx, x, weight, store):
-        dtype = _compute_dtype(x)
-        xc = x.to(dtype)
+        xc = store.cast(x, _compute_dtype(x))
+        dtype = xc.dtype
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, weight.to(dtype))
         ctx.save_for_backward(xc)

@@ -91,3 +91,20 @@ def test_checkpointed_blocks_keep_their_last_linear_and_their_flops():
                 store.builder()()
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1]
+
+
+def test_layers_reading_one_input_share_its_saved_cast():
+    """Under bf16 autocast q, k and v (and the MLP's gate and up) keep one bf16 copy of their
+    common fp32 input for W, where autocast's linear saves one per layer."""
+    model = _model("none")
+    store = defer_linear_weight_grads(model)
+    attention = model.layers["0"].attention
+    tokens, labels = torch.randint(0, 256, (1, 16)), torch.randint(0, 256, (1, 16))
+    store.armed = True
+    _loss(model, tokens, labels, True).backward()
+    saved = {id(w): x for x, _, w in store.pending}
+    q, k, v = (saved[id(m.weight)] for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert q.dtype == torch.bfloat16 and q is k and k is v
+    mlp = model.layers["0"].feed_forward
+    assert saved[id(mlp.w1.weight)] is saved[id(mlp.w3.weight)]
+    assert saved[id(attention.o_proj.weight)] is not q

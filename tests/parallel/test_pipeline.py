@@ -65,8 +65,7 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         [],
     ),
-    # Full checkpointing under the deferred weight pass (the down projection of each block
-    # keeps its own backward), and the shared tied head on rank 0.
+    # Full checkpointing: the fused backward, and the shared tied head on rank 0.
     "pp2xdp2-ZBVZeroBubble-ckpt": (
         [
             *PP2,
@@ -140,11 +139,12 @@ def test_pipeline_matches_single_process(case, tmp_path_factory):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("mode", ["split", "fused"])
-def test_zero_bubble_fallback_backwards(mode, monkeypatch, tmp_path_factory):
-    """The backwards FSDP falls back to (LINSCALE_PP_ZB_BACKWARD), here without FSDP: torch's
-    split weight pass (which walks each stage's parameters(): the shared head's gradient must
-    not be missed) and the fused backward, with full checkpointing."""
+@pytest.mark.parametrize("mode", ["split", "deferred"])
+def test_zero_bubble_backward_modes_with_checkpointing(mode, monkeypatch, tmp_path_factory):
+    """The backwards chosen by LINSCALE_PP_ZB_BACKWARD, with full checkpointing and no FSDP:
+    torch's split weight pass (it walks each stage's parameters(): the shared head's gradient
+    must not be missed) and the deferred pass (each block's down projection keeps its own
+    backward)."""
     monkeypatch.setenv("LINSCALE_PP_ZB_BACKWARD", mode)
     parallel = [
         *PP2,

@@ -55,6 +55,10 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     assert row["split"] == [2, 2] and 0 <= row["bubble_measured"] < 1
     assert row["bubble_theory"] == pytest.approx(1 / 3)
     assert len(row["busy_per_rank_s"]) == 2 and max(row["busy_per_rank_s"]) == row["busy_s"]
+    # Step 1 from the same init: the schedules agree (fp32 on CPU: to rounding).
+    zbv = data["rows"][1]
+    assert zbv["first_loss"] == pytest.approx(row["first_loss"], rel=1e-5)
+    assert zbv["first_grad_norm"] == pytest.approx(row["first_grad_norm"], rel=1e-4)
     assert set(data["meta"]) >= {"card", "torch", "command", "date"}
     assert "pp2" in data["headline"]
     table = subprocess.run(

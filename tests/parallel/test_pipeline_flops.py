@@ -1,7 +1,7 @@
 """Zero-bubble schedules do 1F1B's work: the aten matmul FLOPs of one training step per rank
 (2 gloo ranks) are the same multiset for ZBVZeroBubble as for 1F1B, without checkpointing and
-with full checkpointing, for the default deferred weight pass (parallel/deferred_wgrad.py), and
-for the fallbacks: torch's split backward without checkpointing, the fused backward with it. The
+with full checkpointing, for the deferred weight pass (parallel/deferred_wgrad.py; the default
+without checkpointing), torch's split backward and the fused backward (the default with it). The
 merged weight pass ran 26% more without checkpointing (the input path's backward again) and
 more with it (a third forward per block and microbatch); the deferred pass, before its last
 linear layer per checkpointed block kept its own backward, ran 5% more with checkpointing (the
@@ -82,16 +82,18 @@ def _step_flops(rank, world, schedule, ac, zb_backward="auto"):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("ac", ["none", "full"])
-def test_zero_bubble_runs_1f1b_flops(ac):
-    """The deferred weight pass (the default), and the fallback for FSDP: without checkpointing
-    torch's split backward (per-group weight pass), with it the fused backward (one recompute
-    per block and microbatch, as 1F1B)."""
+@pytest.mark.parametrize(
+    "ac,modes",
+    [("none", ("auto", "split")), ("full", ("auto", "deferred"))],
+)
+def test_zero_bubble_runs_1f1b_flops(ac, modes):
+    """Without checkpointing the default deferred weight pass and torch's split backward (the
+    FSDP fallback); with it the default fused backward (one recompute per block and
+    microbatch, as 1F1B) and the deferred pass."""
     ref = sorted(f for f, *_ in run_ranks(_step_flops, 2, "1F1B", ac))
-    zbv = run_ranks(_step_flops, 2, "ZBVZeroBubble", ac)
-    assert sorted(f for f, *_ in zbv) == ref
-    assert all(deferred and not fused for _, fused, deferred in zbv)
-    fallback = "split" if ac == "none" else "fused"
-    zbv = run_ranks(_step_flops, 2, "ZBVZeroBubble", ac, fallback)
-    assert sorted(f for f, *_ in zbv) == ref
-    assert all(fused == (ac == "full") and not deferred for _, fused, deferred in zbv)
+    for mode in modes:
+        zbv = run_ranks(_step_flops, 2, "ZBVZeroBubble", ac, mode)
+        assert sorted(f for f, *_ in zbv) == ref, mode
+        want_deferred = mode == "deferred" or (mode == "auto" and ac == "none")
+        want_fused = mode == "auto" and ac == "full"
+        assert all(d == want_deferred and f == want_fused for _, f, d in zbv), mode
