@@ -86,6 +86,11 @@ class ParallelConfig:
     """Microbatches per step (default: the number of pipeline stages)."""
     pp_stages_per_rank: int = 1
     """Virtual stages per rank (2 for the interleaved and V schedules)."""
+    pp_zb_max_pending_w: int | None = None
+    """Zero-bubble schedules with the deferred weight pass (no checkpointing, no FSDP): at
+    most this many microbatches' weight gradients wait for their W slot per stage, each holding
+    its linear layers' inputs and output gradients; a backward beyond that computes its weight
+    gradients at once (less memory, fewer bubbles filled). Null: no bound."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over dp x sp with FSDP2 (each rank steps
     its shard of the optimizer; the gradient sum becomes a reduce-scatter)."""
@@ -379,6 +384,10 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.dp must be >= 1 or -1 (the rest), got {p.dp}")
     if p.pp_microbatches is not None and p.pp_microbatches < 1:
         raise ConfigError(f"parallel.pp_microbatches must be >= 1, got {p.pp_microbatches}")
+    if p.pp_zb_max_pending_w is not None and p.pp_zb_max_pending_w < 0:
+        raise ConfigError(
+            f"parallel.pp_zb_max_pending_w must be >= 0 or null, got {p.pp_zb_max_pending_w}"
+        )
     pieces = p.sp * (2 if p.layout == "zigzag" else 1)
     if t.seq_len % pieces:
         raise ConfigError(

@@ -38,12 +38,17 @@ class WeightGradStore:
 
     Deferral is on only while ``armed`` (during the stage's own backward actions, see
     :meth:`arm`): any other backward through the layers (torch's shape inference runs one on
-    the first step) gets ordinary weight gradients.
+    the first step) gets ordinary weight gradients. With ``max_waiting`` at most that many
+    backwards' weight gradients wait at once; a later backward applies its own right away
+    (``parallel.pp_zb_max_pending_w``: a memory bound).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int | None = None) -> None:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, nn.Parameter]] = []
         self.armed = False
+        # At most max_waiting built closures not yet run (None: no bound); beyond, W runs in B.
+        self.max_waiting = max_waiting
+        self.waiting = 0
         # The last input cast to the compute dtype, (input, its version, cast) as weak
         # references: q/k/v and the MLP's gate/up read one input and share one saved cast.
         self._last_cast: tuple | None = None
@@ -78,7 +83,7 @@ class WeightGradStore:
         """Takes what the last backward left; the returned closure adds the weight gradients."""
         items, self.pending = self.pending, []
 
-        def run() -> None:
+        def apply() -> None:
             for x, dy, weight in items:
                 dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
                 dw = dw.to(weight.dtype)
@@ -87,6 +92,15 @@ class WeightGradStore:
                 else:
                     weight.grad.add_(dw)
             items.clear()
+
+        if self.max_waiting is not None and self.waiting >= self.max_waiting:
+            apply()  # the bound is reached: this backward's weight gradients now
+            return lambda: None
+        self.waiting += 1
+
+        def run() -> None:
+            self.waiting -= 1
+            apply()
 
         return run
 
@@ -135,7 +149,9 @@ def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _DeferredLinear.apply(x, self.weight, self._wgrad_store)
 
 
-def defer_linear_weight_grads(module: nn.Module) -> WeightGradStore:
+def defer_linear_weight_grads(
+    module: nn.Module, *, max_waiting: int | None = None
+) -> WeightGradStore:
     """Make the bias-free ``nn.Linear`` layers of each block in ``module.layers`` defer their
     weight gradients to one new store (returned); layers with a bias keep their backward.
 
@@ -144,9 +160,10 @@ def defer_linear_weight_grads(module: nn.Module) -> WeightGradStore:
     backward: the recompute stops as soon as the last saved tensor is packed, and a built-in
     matmul packs its inputs before it runs, so torch's early stop skips that layer's matmul in
     the recompute; an autograd Function packs after its forward and would cost the product
-    again (``tests/parallel/test_pipeline_flops.py`` counts it).
+    again (``tests/parallel/test_pipeline_flops.py`` counts it). ``max_waiting``: see
+    :class:`WeightGradStore`.
     """
-    store = WeightGradStore()
+    store = WeightGradStore(max_waiting)
     for block in module.layers.values():
         linears = [
             sub

@@ -330,7 +330,7 @@ def build_pipeline(
         stage_cls = _LastStage if s == num_stages - 1 else PipelineStage
         kw = {}
         if zb_mode == "deferred":
-            store = defer_linear_weight_grads(part)
+            store = defer_linear_weight_grads(part, max_waiting=p.pp_zb_max_pending_w)
             stores.append(store)
             kw["dw_builder"] = store.builder
         stage = stage_cls(part, s, num_stages, device, group=pp_group, **kw)

@@ -58,6 +58,7 @@ def test_yaml_and_overrides(tmp_path):
         ("offload:\n  optimizer: nvme\n", "offload.optimizer"),
         ("parallel:\n  pp: 8\n", "model.n_layers"),
         ("parallel:\n  grad_reduce_dtype: fp8\n", "parallel.grad_reduce_dtype"),
+        ("parallel:\n  pp_zb_max_pending_w: -1\n", "parallel.pp_zb_max_pending_w"),
         ("training:\n  compile: sometimes\n", "training.compile"),
         (
             "training:\n  compile: true\nparallel:\n  pp: 2\n  pp_schedule: ZBVZeroBubble\n"

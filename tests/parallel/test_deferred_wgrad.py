@@ -108,3 +108,27 @@ def test_layers_reading_one_input_share_its_saved_cast():
     mlp = model.layers["0"].feed_forward
     assert saved[id(mlp.w1.weight)] is saved[id(mlp.w3.weight)]
     assert saved[id(attention.o_proj.weight)] is not q
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_bounded_waiting_applies_the_excess_at_once(bound):
+    """With max_waiting, backwards beyond the bound apply their weight gradients in B; the
+    total after every W has run is the same."""
+    ref = _model("none")
+    model = copy.deepcopy(ref)
+    store = defer_linear_weight_grads(model, max_waiting=bound)
+    q = model.layers["0"].attention.q_proj.weight
+    tokens, labels = torch.randint(0, 256, (1, 16)), torch.randint(0, 256, (1, 16))
+    runs = []
+    for i in range(3):
+        _loss(ref, tokens, labels, False).backward()
+        store.armed = True
+        _loss(model, tokens, labels, False).backward()
+        store.armed = False
+        runs.append(store.builder())
+        assert store.waiting == min(i + 1, bound)
+        assert (q.grad is None) == (i < bound), i  # the excess is applied in B
+    for run in runs:
+        run()
+    assert store.waiting == 0
+    torch.testing.assert_close(q.grad, ref.layers["0"].attention.q_proj.weight.grad)
