@@ -239,6 +239,18 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
     return out
 
 
+# The run settings a merged row carries from its part's meta.
+RUN_KEYS = ("seq_len", "activation_checkpointing", "fsdp", "zb_backward", "command")
+
+
+def _layout_key(r: dict) -> str:
+    """``pp4-sp2``-style layout, with T and checkpointing when the row carries them (merged)."""
+    key = r["name"].rsplit("-", 1)[0]
+    if r.get("seq_len") is not None:
+        key += f"@{r['seq_len']}-{r.get('activation_checkpointing')}"
+    return key
+
+
 def headline(rows: list[dict]) -> dict:
     """1F1B against its ideal, and the best zero-bubble schedule against 1F1B, per layout."""
     out = {}
@@ -246,13 +258,12 @@ def headline(rows: list[dict]) -> dict:
     for r in rows:
         if r["schedule"] != "1F1B":
             continue
-        key = r["name"].rsplit("-", 1)[0]
+        key = _layout_key(r)
         h = {"1F1B_vs_ideal": r["vs_ideal"], "target_1F1B_vs_ideal": 1.15}
         zb = [
             z
             for z in rows
-            if z["name"].rsplit("-", 1)[0] == key
-            and z["schedule"] in ("InterleavedZeroBubble", "ZBVZeroBubble")
+            if _layout_key(z) == key and z["schedule"] in ("InterleavedZeroBubble", "ZBVZeroBubble")
         ]
         if zb:
             best = min(zb, key=lambda z: z["step_s"])
@@ -296,11 +307,18 @@ def markdown_table(path: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
+        label = r["name"]
+        if r.get("seq_len") is not None:  # a merged row: its own settings
+            label += f" @{r['seq_len'] // 1024}K ac={r.get('activation_checkpointing')}"
+            if r.get("zb_backward") not in (None, "auto") and r["schedule"] != "1F1B":
+                label += f" ({r['zb_backward']})"
+            words = (r.get("command") or "").split()
+            label += "".join(f" {b}" for a, b in zip(words, words[1:]) if a == "--set")
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:60]} |" + " |" * 7)
+            lines.append(f"| {label} | failed: {r['error'][:60]} |" + " |" * 7)
             continue
         lines.append(
-            f"| {r['name']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"| {label} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{_fmt(r['mfu'], '.3f')} | {_fmt(r['peak_mem_gb'], '.1f')} | "
             f"{_fmt(r['bubble_measured'], '.3f')} | {_fmt(r['bubble_theory'], '.3f')} | "
             f"{_fmt(r['vs_ideal'], '.2f')} | {r['split'] or '-'} |"
@@ -366,6 +384,7 @@ def _write(args, rows: list[dict], world: int, *, final: bool) -> None:
         "microbatches": args.microbatches,
         "activation_checkpointing": args.ac,
         "fsdp": args.fsdp == "true",
+        "zb_backward": os.environ.get("LINSCALE_PP_ZB_BACKWARD", "auto"),
         "command": " ".join(["torchrun", f"--nproc_per_node={world}", *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
@@ -389,7 +408,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        rows = [r for part in parts for r in part["rows"]]
+        # Each row keeps the settings of its part (parts may differ in T, checkpointing, ...).
+        rows = [
+            {**{k: part["meta"].get(k) for k in RUN_KEYS}, **r}
+            for part in parts
+            for r in part["rows"]
+        ]
         meta = dict(parts[0]["meta"], command=" ; ".join(p["meta"]["command"] for p in parts))
         out = Path(args.out or "benchmarks/results/pipeline.json")
         out.write_text(
