@@ -3,7 +3,9 @@
 # logs under $OUT): check = bf16 SP correctness vs one GPU; weak = weak scaling (pure linear
 # and hybrid); weak-serial = weak pure-linear scaling with the serial LASP-2 schedule; strong =
 # strong scaling at 128K in total; pp = the 32K pipeline grid of 1F1B against ZBVZeroBubble
-# (pp = 2 with sp = 2, pp = 4) and pp = 1; pp-quick = the 8K pipeline smoke grid; e2e = the
+# (pp = 2 with sp = 2, pp = 4) and pp = 1; pp-zb = 1F1B against ZBV without checkpointing (the
+# deferred weight pass) at pp4 8K / 16K, pp2 x sp2 16K, pp2 x dp2 8K, one JSON each (merge them
+# with pipeline.py --merge); pp-quick = the 8K pipeline smoke grid; e2e = the
 # one-GPU trainer against the plain PyTorch baseline (GPU 0).
 # SP_ARGS adds sp_scaling.py options to weak / strong (e.g. "--grad-sync ddp,fsdp-keep").
 # Usage (on the device, repo root): bash benchmarks/gpu_x4_parts.sh check weak-serial ...
@@ -38,6 +40,12 @@ for part in "$@"; do
       --out "$OUT/sp_strong.json" ;;
     pp) run pipeline ${T_PP:-330} $TR benchmarks/pipeline.py --schedules 1F1B,ZBVZeroBubble \
       --only ${PP_ONLY:-pp1-sp4,pp2-sp2,pp4} --warmup 1 --steps 2 --out "$OUT/pipeline.json" ;;
+    pp-zb) for spec in "pp4 8192" "pp4 16384" "pp2-sp2 16384" "pp2-dp2 8192"; do
+        set -- $spec
+        run "pipeline_zb_$1_$2" ${T_PP:-110} $TR benchmarks/pipeline.py --only $1 --seq-len $2 \
+          --ac none --schedules 1F1B,ZBVZeroBubble --warmup 1 --steps 4 \
+          --out "$OUT/pipeline_zb_$1_$2.json"
+      done ;;
     pp-quick) run pipeline_quick ${T_PP:-120} $TR benchmarks/pipeline.py --quick \
       --out "$OUT/pipeline_quick.json" ;;
     e2e) CUDA_VISIBLE_DEVICES=0 run e2e ${T_E2E:-330} python3 benchmarks/e2e_trainer.py \
