@@ -250,11 +250,12 @@ def build_pipeline(
     last_pp = stage_to_rank(num_stages - 1, dims.pp, per_rank, style)
 
     # How the zero-bubble schedules run their backward. "deferred" (deferred_wgrad.py, the
-    # default without checkpointing and FSDP): B is a full backward in which the blocks'
-    # linear layers leave (x, dy) for W, so no graph outlives B (4 x H100, pp 4, 8K: ZBV 1.10x
-    # 1F1B's throughput; torch's split 1.08x at more memory). With checkpointing it also
-    # recomputes nothing twice, but what waits for W is what checkpointing exists to drop (32K,
-    # pp 2 x sp 2: 76.5 GB against 1F1B's 20.3), so there "fused" runs the whole backward in
+    # default without FSDP and without full checkpointing): B is a full backward in which the
+    # blocks' linear layers leave (x, dy) for W, so no graph outlives B (4 x H100, pp 4, 8K:
+    # ZBV 1.10x 1F1B's throughput; torch's split 1.08x at more memory; with one block in four
+    # checkpointed 1.03x at 0.98x 1F1B's memory). With full checkpointing it also recomputes
+    # nothing twice, but what waits for W is what checkpointing exists to drop (32K, pp 2 x
+    # sp 2: 76.5 GB against 1F1B's 20.3), so there "fused" runs the whole backward in
     # the input slot (32K, pp 2, 2 x H100: ZBV 3.16 s / 30.6 GB and InterleavedZeroBubble
     # 3.09 s / 32.9 GB against 1F1B's 3.12 s / 28.0 GB). torch's split (input pass, per-group
     # weight pass; with FSDP and no checkpointing) keeps the whole graph until W and replays a
@@ -271,10 +272,12 @@ def build_pipeline(
                 "whose PipelineStage takes dw_builder"
             )
         if zb_mode == "auto":
-            if p.activation_checkpointing != "none":
+            if p.activation_checkpointing == "full":
                 zb_mode = _ZB_CKPT_DEFAULT
+            elif deferrable:
+                zb_mode = "deferred"
             else:
-                zb_mode = "deferred" if deferrable else "split"
+                zb_mode = "split" if p.activation_checkpointing == "none" else _ZB_CKPT_DEFAULT
         if not install_zero_bubble_backward(zb_mode) and zb_mode not in ("split", "deferred"):
             get_logger().warning(
                 "parallel.pp_schedule %s: this torch's pipelining has no hook for the %s "
