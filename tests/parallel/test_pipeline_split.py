@@ -16,6 +16,7 @@ from parallel.pipeline_split import (
     StepContext,
     _evaluate,
     _min_max_split,
+    _objective,
     _rank_balanced_split,
     block_costs,
     build_stage_module,
@@ -50,41 +51,37 @@ def test_split_keeps_names_contiguous_and_counts_softmax_layers():
 
 
 def _brute_force(costs, first, last, ranks):
-    """Every split with middle groups non-empty: the best (busiest rank, busiest group, sum of
-    squared group costs)."""
+    """Every split with middle groups non-empty: the best by the splitter's objective (the
+    least busiest rank first, for the slack)."""
     n, m = len(ranks), len(costs)
-    best = None
+    splits = []
     for cuts in itertools.combinations_with_replacement(range(m + 1), n - 1):
         bounds = [0, *cuts, m]
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-        if any(size < 1 for size in sizes[1:-1]):
-            continue
-        key = _evaluate(sizes, costs, first, last, ranks)
-        if best is None or key < best:
-            best = key
-    return best
+        if all(size >= 1 for size in sizes[1:-1]):
+            splits.append(sizes)
+    rank_best = min(_evaluate(c, costs, first, last, ranks)[0] for c in splits)
+    return min(_objective(c, costs, first, last, ranks, rank_best) for c in splits), rank_best
 
 
 @pytest.mark.parametrize("seed", range(16))
 def test_rank_balanced_split_is_optimal(seed):
-    """The branch and bound finds the exhaustive optimum of (busiest rank, busiest stage, sum
-    of squared stage costs) for random layer costs, head and embedding, under the loop and V
+    """The branch and bound finds the exhaustive optimum of its objective (the busiest stage
+    among splits within 5% of the least busiest rank, then the busiest rank, then the sum of
+    squared stage costs) for random layer costs, head and embedding, under the loop and V
     placements."""
     rng = random.Random(seed)
     m = rng.randint(4, 9)
     pp = rng.choice([2, 3])
     style = rng.choice(["loop", "v"])
-    per = 2
-    ranks = [stage_to_rank(s, pp, per, style) for s in range(pp * per)]  # m >= stages - 2
+    ranks = [stage_to_rank(s, pp, 2, style) for s in range(pp * 2)]  # m >= stages - 2
     costs = [float(rng.choice([1, 1, 1, 3])) + rng.random() for _ in range(m)]
     first, last = rng.random(), rng.uniform(0.0, 6.0)
     sizes = _rank_balanced_split(costs, first, last, ranks)
     assert sum(sizes) == m and all(size >= 1 for size in sizes[1:-1])
-    got = _evaluate(sizes, costs, first, last, ranks)
-    want = _brute_force(costs, first, last, ranks)
-    assert got[0] == pytest.approx(want[0], rel=1e-9)
-    assert got[1] == pytest.approx(want[1], rel=1e-9)
-    assert got[2] == pytest.approx(want[2], rel=1e-9)
+    want, rank_best = _brute_force(costs, first, last, ranks)
+    got = _objective(sizes, costs, first, last, ranks, rank_best)
+    assert got == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("pp,style", [(4, "v"), (4, "loop"), (2, "v")])
@@ -229,3 +226,21 @@ def test_last_stage_on_the_first_stages_rank_shares_the_tied_head():
     last(first(tokens)).sum().backward()
     (ref.loss(ref(tokens), labels) / 32).backward()
     torch.testing.assert_close(model.tok_embeddings.weight.grad, ref.tok_embeddings.weight.grad)
+
+
+def test_a_few_per_cent_of_rank_cost_buys_balanced_stages():
+    """ZBV at pp 4 with one block in three checkpointed: the least busiest rank needs the last
+    stage to take two layers and the head (5.4 blocks, twice any other stage; measured slow);
+    within 5% of it the stages stay balanced and the head's stage holds the head alone."""
+    args = get_preset("linear-llama3-1b")
+    recomputed = recomputed_blocks(args.n_layers, "partial", 3)
+    costs, emb, head = block_costs(args, 8192, recomputed=recomputed)
+    ranks = [stage_to_rank(s, 4, 2, "v") for s in range(8)]
+    split = split_layers(args, 8, seq_len=8192, pp=4, style="v", recomputed=recomputed)
+    sizes = [len(stage) for stage in split]
+    assert sizes[-1] == 0
+    busiest, heaviest, _ = _evaluate(sizes, costs, emb, head, ranks)
+    tight = [0, 3, 2, 2, 2, 3, 2, 2]  # what the least busiest rank alone would pick
+    tight_busiest, tight_heaviest, _ = _evaluate(tight, costs, emb, head, ranks)
+    assert tight_busiest < busiest <= 1.05 * tight_busiest
+    assert heaviest < 0.7 * tight_heaviest
