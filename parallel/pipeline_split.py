@@ -10,7 +10,8 @@ Cost model (training FLOPs per token, forward + backward = 3x forward):
   the chunked cross-entropy runs, times ``HEAD_TIME_PER_FLOP`` (0.8): its large GEMMs run
   faster per FLOP than a block's mix of GEMMs, linear attention and elementwise work (4 x H100,
   Linear-Llama3-1B at 32K, full checkpointing, per-rank stage busy times: the head took 2.55
-  to 2.7 checkpointed blocks against 3.2 by FLOPs); about 3.4 plain blocks for Linear-Llama3-1B;
+  to 2.7 checkpointed blocks against 3.2 by FLOPs; at 8K without checkpointing ~3.45 plain
+  blocks against the model's 3.1);
 - the embedding: no matmul; its backward writes a dense ``vocab x dim`` gradient. Charged
   ``embedding_blocks`` (default 0.1) blocks: the same measurement put the first stage's time at
   its blocks' alone, within the noise.
@@ -24,8 +25,8 @@ last stage; every middle stage holds at least one layer, the two end stages may 
 embedding or the head can be a stage's whole work). What the split balances is each pipeline
 *rank's* work, the sum over the stages it holds (with several stages per rank a per-stage
 balance can pile the head and the embedding onto one rank: the V placement puts stage 0 and
-the last stage together). It minimises the busiest rank's cost (to within 5%), then the busiest
-stage's, then the sum of squared stage costs, by a branch and bound over the stage sizes.
+the last stage together): :func:`parallel.pipeline_balance.balanced_split` minimises the busiest
+rank's cost (to within 5%), then the busiest stage's, then the sum of squared stage costs.
 
 Placement of ``S = pp * v`` stages on the ``pp`` ranks of a pipeline group:
 
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from models.llama import LinearLlama, ModelArgs
+from parallel.pipeline_balance import balanced_split
 
 __all__ = [
     "PipelineStageModel",
@@ -100,209 +102,6 @@ def block_costs(
     return costs, embedding, head
 
 
-_REL = 1e-9  # relative tolerance: the same costs summed in another order must tie
-
-
-def _search(
-    costs: list[float],
-    first: float,
-    last: float,
-    ranks: list[int],
-    *,
-    minimise: str,
-    rank_cap: float = float("inf"),
-    stage_cap: float = float("inf"),
-    node_limit: int = 1_000_000,
-) -> tuple[float, list[int] | None]:
-    """Depth-first branch and bound over contiguous group sizes (see
-    :func:`_rank_balanced_split`): the smallest busiest-rank cost (``minimise="rank"``),
-    busiest-group cost (``"stage"``) or sum of squared group costs (``"squares"``) among the
-    splits whose rank and group costs stay within the caps. Only strict improvements are kept,
-    so ties go to the first split found (largest early groups first). Returns
-    ``(value, sizes)``, sizes None when nothing fits the caps."""
-    n, m = len(ranks), len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    min_size = [1] * n
-    if n > 1:
-        min_size[0] = min_size[-1] = 0
-    later_min = [0] * (n + 1)
-    for s in range(n - 1, -1, -1):
-        later_min[s] = later_min[s + 1] + min_size[s]
-    future = [sorted(set(ranks[s:])) for s in range(n)] + [[]]
-    rank_cost = [0.0] * (max(ranks) + 1)
-    sizes = [0] * n
-    best, best_sizes, nodes = float("inf"), None, 0
-
-    def visit(s: int, a: int, value: float) -> None:
-        """``value``: the objective of groups 0..s-1 (a max, or a sum of squares)."""
-        nonlocal best, best_sizes, nodes
-        nodes += 1
-        if nodes > node_limit:
-            return
-        r = ranks[s]
-        r_cap = min(rank_cap, best) if minimise == "rank" else rank_cap
-        s_cap = min(stage_cap, best) if minimise == "stage" else stage_cap
-        hi = m if s == n - 1 else m - later_min[s + 1]
-        lo = m if s == n - 1 else a + min_size[s]
-        # Largest groups first: filling each group up to what the bounds allow finds a good
-        # split at once, and the later, smaller candidates are mostly pruned.
-        for b in range(hi, lo - 1, -1):
-            c = prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
-            if rank_cost[r] + c > r_cap * (1 + _REL) or c > s_cap * (1 + _REL):
-                continue
-            if minimise == "rank":
-                new_value = max(value, rank_cost[r] + c)
-            elif minimise == "stage":
-                new_value = max(value, c)
-            else:
-                new_value = value + c * c
-            if new_value >= best * (1 - _REL):
-                continue
-            if s == n - 1:
-                best, best_sizes = new_value, [*sizes[:s], b - a]
-                return
-            rank_cost[r] += c
-            left = prefix[m] - prefix[b] + last
-            fut = future[s + 1]
-            groups_left = n - s - 1
-            room = sum(r_cap - rank_cost[q] for q in fut)
-            # What is left can at best be spread evenly over the ranks / groups to come.
-            if minimise == "rank":
-                lower = max(new_value, (sum(rank_cost[q] for q in fut) + left) / len(fut))
-            elif minimise == "stage":
-                lower = max(new_value, left / groups_left, last)
-            else:
-                lower = new_value + left * left / groups_left
-            fits = room >= left * (1 - _REL) and left <= s_cap * groups_left * (1 + _REL)
-            if lower < best * (1 - _REL) and fits:
-                sizes[s] = b - a
-                visit(s + 1, b, new_value)
-            rank_cost[r] -= c
-
-    visit(0, 0, 0.0)
-    return best, best_sizes
-
-
-def _min_max_split(costs: list[float], first: float, last: float, n: int) -> list[int]:
-    """Sizes of ``n`` contiguous groups (>= 1 item each) of ``costs``: min max, then min sumsq."""
-    m = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-
-    def cost(s: int, a: int, b: int) -> float:  # stage s holds items a..b-1
-        return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
-
-    inf = float("inf")
-    # best_max[s][b]: the smallest possible max cost of stages 0..s covering items 0..b-1.
-    best_max = [[inf] * (m + 1) for _ in range(n)]
-    for b in range(1, m + 1):
-        best_max[0][b] = cost(0, 0, b)
-    for s in range(1, n):
-        for b in range(s + 1, m + 1):
-            best_max[s][b] = min(max(best_max[s - 1][a], cost(s, a, b)) for a in range(s, b))
-    bound = best_max[n - 1][m] * (1 + 1e-9)
-    # Among splits whose every stage stays within the bound, the one with least sum of squares.
-    sq = [[inf] * (m + 1) for _ in range(n)]
-    cut = [[0] * (m + 1) for _ in range(n)]
-    for b in range(1, m + 1):
-        c = cost(0, 0, b)
-        if c <= bound:
-            sq[0][b] = c * c
-    for s in range(1, n):
-        for b in range(s + 1, m + 1):
-            for a in range(s, b):
-                c = cost(s, a, b)
-                if c <= bound and sq[s - 1][a] + c * c < sq[s][b]:
-                    sq[s][b], cut[s][b] = sq[s - 1][a] + c * c, a
-    sizes, b = [], m
-    for s in range(n - 1, 0, -1):
-        a = cut[s][b]
-        sizes.append(b - a)
-        b = a
-    sizes.append(b)
-    return sizes[::-1]
-
-
-def _evaluate(
-    sizes: list[int], costs: list[float], first: float, last: float, ranks: list[int]
-) -> tuple[float, float, float]:
-    """``(busiest rank, busiest group, sum of squared group costs)`` of a split."""
-    rank_cost = [0.0] * (max(ranks) + 1)
-    stage_cost, a, n = [], 0, len(sizes)
-    for s, size in enumerate(sizes):
-        c = sum(costs[a : a + size]) + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
-        rank_cost[ranks[s]] += c
-        stage_cost.append(c)
-        a += size
-    return max(rank_cost), max(stage_cost), sum(c * c for c in stage_cost)
-
-
-RANK_SLACK = 0.05  # busiest-rank cost given up for a lighter busiest stage (see below)
-
-
-def _objective(
-    sizes: list[int],
-    costs: list[float],
-    first: float,
-    last: float,
-    ranks: list[int],
-    rank_best: float,
-) -> tuple[float, float, float, float]:
-    """The order :func:`_rank_balanced_split` minimises: the busiest rank when it exceeds
-    ``(1 + RANK_SLACK) * rank_best`` (else 0), the busiest stage, the busiest rank, the sum of
-    squared stage costs."""
-    rank, stage, squares = _evaluate(sizes, costs, first, last, ranks)
-    over = rank if rank > rank_best * (1 + RANK_SLACK) * (1 + _REL) else 0.0
-    return over, stage, rank, squares
-
-
-def _rank_balanced_split(
-    costs: list[float], first: float, last: float, ranks: list[int], *, node_limit: int = 60_000
-) -> list[int]:
-    """Sizes of ``len(ranks)`` contiguous groups of ``costs``; group ``s`` runs on rank
-    ``ranks[s]``, group 0 also carries ``first`` and the last group ``last``.
-
-    Finds the least busiest-rank cost B; then, among the splits whose busiest rank stays within
-    ``(1 + RANK_SLACK) B``, minimises the busiest group's cost, then the busiest rank's, then
-    the sum of squared group costs (:func:`_objective`). The slack: with several stages per
-    rank a heavy stage stalls the ranks that wait for it (4 x H100, pp 4, ZBV, 8K, one block in
-    three checkpointed: the rank-optimal split, its last stage two layers plus the head, ran
-    0.493 s with a 0.26 bubble, where balanced stages at a few per cent more rank cost run
-    ~0.42 s). Middle groups hold at least one item, the end groups may hold none (a single
-    group holds everything). Each step is a depth-first branch and bound over the group sizes,
-    pruned by lower bounds (the ranks or groups still to come share what is left at best
-    evenly). It is exhaustive for a few dozen layers over up to 16 stages; beyond
-    ``node_limit`` visits per step it keeps the best split found, and the per-group balanced
-    split (:func:`_min_max_split`) when that is better. Deterministic either way.
-    """
-    kw = {"node_limit": node_limit}
-    rank_best, sizes = _search(costs, first, last, ranks, minimise="rank", **kw)
-    assert sizes is not None
-    cap = rank_best * (1 + RANK_SLACK) if len(set(ranks)) < len(ranks) else rank_best
-    stage_best, by_stage = _search(costs, first, last, ranks, minimise="stage", rank_cap=cap, **kw)
-    if by_stage is not None:
-        rank_again, by_rank = _search(
-            costs, first, last, ranks, minimise="rank", rank_cap=cap, stage_cap=stage_best, **kw
-        )
-        sizes = by_rank or by_stage
-        _, by_squares = _search(
-            costs,
-            first,
-            last,
-            ranks,
-            minimise="squares",
-            rank_cap=rank_again if by_rank else cap,
-            stage_cap=stage_best,
-            **kw,
-        )
-        sizes = by_squares or sizes
-    candidates = [sizes, _min_max_split(costs, first, last, len(ranks))]
-    return min(candidates, key=lambda c: _objective(c, costs, first, last, ranks, rank_best))
-
-
 def split_layers(
     args: ModelArgs,
     num_stages: int,
@@ -337,7 +136,7 @@ def split_layers(
     costs, embedding, head = block_costs(
         args, seq_len, embedding_blocks=embedding_blocks, recomputed=recomputed
     )
-    sizes = _rank_balanced_split(costs, embedding, head, ranks)
+    sizes = balanced_split(costs, embedding, head, ranks)
     names, start = [], 0
     for size in sizes:
         names.append([str(i) for i in range(start, start + size)])

@@ -12,12 +12,9 @@ from launch.config import ConfigError, load_config, validate
 from models.llama import LinearLlama
 from models.presets import get_preset
 from parallel.checkpointing import apply_activation_checkpointing
+from parallel.pipeline_balance import balanced_split, evaluate_split, min_max_split, split_objective
 from parallel.pipeline_split import (
     StepContext,
-    _evaluate,
-    _min_max_split,
-    _objective,
-    _rank_balanced_split,
     block_costs,
     build_stage_module,
     recomputed_blocks,
@@ -60,8 +57,8 @@ def _brute_force(costs, first, last, ranks):
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         if all(size >= 1 for size in sizes[1:-1]):
             splits.append(sizes)
-    rank_best = min(_evaluate(c, costs, first, last, ranks)[0] for c in splits)
-    return min(_objective(c, costs, first, last, ranks, rank_best) for c in splits), rank_best
+    rank_best = min(evaluate_split(c, costs, first, last, ranks)[0] for c in splits)
+    return min(split_objective(c, costs, first, last, ranks, rank_best) for c in splits), rank_best
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -77,10 +74,10 @@ def test_rank_balanced_split_is_optimal(seed):
     ranks = [stage_to_rank(s, pp, 2, style) for s in range(pp * 2)]  # m >= stages - 2
     costs = [float(rng.choice([1, 1, 1, 3])) + rng.random() for _ in range(m)]
     first, last = rng.random(), rng.uniform(0.0, 6.0)
-    sizes = _rank_balanced_split(costs, first, last, ranks)
+    sizes = balanced_split(costs, first, last, ranks)
     assert sum(sizes) == m and all(size >= 1 for size in sizes[1:-1])
     want, rank_best = _brute_force(costs, first, last, ranks)
-    got = _objective(sizes, costs, first, last, ranks, rank_best)
+    got = split_objective(sizes, costs, first, last, ranks, rank_best)
     assert got == pytest.approx(want, rel=1e-9)
 
 
@@ -97,13 +94,13 @@ def test_split_balances_ranks_not_stages(pp, style):
     split = split_layers(args, 2 * pp, seq_len=32768, pp=pp, style=style, recomputed=recomputed)
     assert [n for stage in split for n in stage] == [str(i) for i in range(16)]
     sizes = [len(stage) for stage in split]
-    busiest, *_ = _evaluate(sizes, costs, emb, head, ranks)
+    busiest, *_ = evaluate_split(sizes, costs, emb, head, ranks)
     mean = (sum(costs) + emb + head) / pp
     assert busiest <= mean + costs[0]
-    per_stage = _min_max_split(costs, emb, head, 2 * pp)
-    assert busiest <= _evaluate(per_stage, costs, emb, head, ranks)[0]
+    per_stage = min_max_split(costs, emb, head, 2 * pp)
+    assert busiest <= evaluate_split(per_stage, costs, emb, head, ranks)[0]
     if pp == 4:
-        assert busiest < 0.95 * _evaluate(per_stage, costs, emb, head, ranks)[0]
+        assert busiest < 0.95 * evaluate_split(per_stage, costs, emb, head, ranks)[0]
 
 
 def test_recompute_makes_blocks_dearer_than_the_head():
@@ -239,8 +236,8 @@ def test_a_few_per_cent_of_rank_cost_buys_balanced_stages():
     split = split_layers(args, 8, seq_len=8192, pp=4, style="v", recomputed=recomputed)
     sizes = [len(stage) for stage in split]
     assert sizes[-1] == 0
-    busiest, heaviest, _ = _evaluate(sizes, costs, emb, head, ranks)
+    busiest, heaviest, _ = evaluate_split(sizes, costs, emb, head, ranks)
     tight = [0, 3, 2, 2, 2, 3, 2, 2]  # what the least busiest rank alone would pick
-    tight_busiest, tight_heaviest, _ = _evaluate(tight, costs, emb, head, ranks)
+    tight_busiest, tight_heaviest, _ = evaluate_split(tight, costs, emb, head, ranks)
     assert tight_busiest < busiest <= 1.05 * tight_busiest
     assert heaviest < 0.7 * tight_heaviest
