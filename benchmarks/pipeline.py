@@ -276,6 +276,13 @@ def headline(rows: list[dict]) -> dict:
                     ),
                 }
             )
+        # Step 1 starts from the same init in every row of the layout: its loss and gradient
+        # norm must agree across the schedules (a wrong gradient shows here first).
+        same = [z for z in rows if _layout_key(z) == key and z.get("first_grad_norm")]
+        if len(same) > 1:
+            for field in ("first_loss", "first_grad_norm"):
+                vals = [z[field] for z in same]
+                h[f"{field}_rel_spread"] = (max(vals) - min(vals)) / abs(max(vals))
         out[key] = h
     return out
 

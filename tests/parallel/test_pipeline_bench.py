@@ -61,6 +61,7 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     assert zbv["first_grad_norm"] == pytest.approx(row["first_grad_norm"], rel=1e-4)
     assert set(data["meta"]) >= {"card", "torch", "command", "date"}
     assert "pp2" in data["headline"]
+    assert data["headline"]["pp2"]["first_grad_norm_rel_spread"] < 1e-4
     table = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), "--table", str(out)],
         capture_output=True,
