@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
             mine = run_config(c, args, run_dir)
         except Exception as e:  # noqa: BLE001 - recorded; the grid goes on if all ranks failed
             mine = {"error": f"{type(e).__name__}: {e}"[:400]}
+            # Printed at once: when only this rank failed, the others may still wait in the
+            # schedule's P2P and the gather below never completes.
+            print(f"rank {rank} {c['name']} failed: {mine['error']}", file=sys.stderr, flush=True)
             gc.collect()
             if not args.cpu:
                 torch.cuda.empty_cache()
