@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist_harness import run_ranks
+from tests.parallel.lasp2_cases import lasp2_inputs, naive_reference, serial_rank_run
 
 _ENV = {
     "TRITON_INTERPRET": "1",
@@ -21,54 +21,19 @@ _ENV = {
 
 
 def _inputs(family: str, T: int):
-    g = torch.Generator().manual_seed(11)
-    B, H, K, V = 2, 2, 16, 32
-    q, k = (torch.randn(B, T, H, K, generator=g) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=g)
-    if family == "linear":
-        gates = (None,)
-    elif family == "scalar":
-        gates = (F.logsigmoid(torch.randn(B, T, H, generator=g) + 2),)
-    else:
-        gates = (F.logsigmoid(torch.randn(B, T, H, K, generator=g) + 2),)
-    return q, k, v, gates
-
-
-def _weight(o_shape) -> torch.Tensor:
-    return torch.arange(torch.Size(o_shape).numel(), dtype=torch.float64).view(o_shape).sin()
-
-
-def _reference(family, q, k, v, gates):
-    from models.ops import naive_gla, naive_linear_attn
-
-    fn = naive_gla if family == "gla" else naive_linear_attn
-    leaves = [t.double().clone().requires_grad_() for t in (q, k, v, *gates) if t is not None]
-    args = leaves[:3] + ([leaves[3]] if len(leaves) > 3 else [None])
-    o, _ = fn(*args)
-    (o * _weight(o.shape)).sum().backward()
-    return o.detach(), [t.grad for t in leaves]
+    return lasp2_inputs(family, T, seed=11, K=16, V=32, gate_shift=2.0)
 
 
 def _worker(rank, world, family, layout, T):
-    import torch.distributed as dist
-
     from parallel import lasp2
     from parallel.sequence_shard import shard_sequence
 
     q, k, v, gates = _inputs(family, T)
-    kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
-    local = [
-        shard_sequence(t, **kw).clone().requires_grad_() for t in (q, k, v, *gates) if t is not None
-    ]
     fam = "gla" if family == "gla" else "linear_attn"
     # The exchange form is what runs: the Triton op with only the backend chosen.
-    assert lasp2._exchange_op(fam, lasp2.resolve_op(fam), local[0]) is not None
-    fn = lasp2.lasp2_gla if family == "gla" else lasp2.lasp2_linear_attn
-    args = local[:3] + ([local[3]] if len(local) > 3 else [None])
-    o = fn(*args, group=dist.group.WORLD, layout=layout, schedule="serial")
-    w = shard_sequence(_weight((q.shape[0], T, q.shape[2], v.shape[-1])), **kw)
-    (o.double() * w).sum().backward()
-    return o.detach(), [t.grad for t in local]
+    q_local = shard_sequence(q, dim=1, rank=rank, world=world, layout=layout)
+    assert lasp2._exchange_op(fam, lasp2.resolve_op(fam), q_local) is not None
+    return serial_rank_run(rank, world, family, layout, q, k, v, gates)
 
 
 @pytest.mark.timeout(300)
@@ -80,7 +45,7 @@ def test_lasp2_in_the_op_is_exact(world, layout, family):
 
     T = 2 * world * 75  # 150 tokens per rank, 75 per zigzag slice: ragged 64-token chunks
     q, k, v, gates = _inputs(family, T)
-    o_ref, grads_ref = _reference(family, q, k, v, gates)
+    o_ref, grads_ref = naive_reference(family, q, k, v, gates)
     results = run_ranks(_worker, world, family, layout, T, env=_ENV)
     for rank, (o, grads) in enumerate(results):
         kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}

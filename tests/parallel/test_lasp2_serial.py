@@ -5,54 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist_harness import run_ranks
+from tests.parallel.lasp2_cases import lasp2_inputs, naive_reference, serial_rank_run
 
 
 def _inputs(family: str, T: int):
-    g = torch.Generator().manual_seed(7)
-    B, H, K, V = 2, 2, 8, 6
-    q, k = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
-    if family == "linear":
-        gates = (None,)
-    elif family == "scalar":
-        gates = (F.logsigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64)),)
-    else:
-        gates = (F.logsigmoid(torch.randn(B, T, H, K, generator=g, dtype=torch.float64)),)
-    return q, k, v, gates
-
-
-def _reference(family, q, k, v, gates):
-    from models.ops import naive_gla, naive_linear_attn
-
-    fn = naive_gla if family == "gla" else naive_linear_attn
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, *gates) if t is not None]
-    args = leaves[:3] + ([leaves[3]] if len(leaves) > 3 else [None])
-    o, _ = fn(*args)
-    (o * torch.arange(o.numel(), dtype=o.dtype).view_as(o).sin()).sum().backward()
-    return o.detach(), [t.grad for t in leaves]
+    return lasp2_inputs(family, T, seed=7, K=8, V=6, dtype=torch.float64)
 
 
 def _worker(rank, world, family, layout, T):
-    import torch.distributed as dist
-
-    from parallel.lasp2 import lasp2_gla, lasp2_linear_attn
-    from parallel.sequence_shard import shard_sequence
-
-    q, k, v, gates = _inputs(family, T)
-    weight = torch.arange(q.shape[0] * T * q.shape[2] * v.shape[-1], dtype=torch.float64)
-    weight = weight.view(q.shape[0], T, q.shape[2], v.shape[-1]).sin()
-    kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
-    local = [
-        shard_sequence(t, **kw).clone().requires_grad_() for t in (q, k, v, *gates) if t is not None
-    ]
-    fn = lasp2_gla if family == "gla" else lasp2_linear_attn
-    args = local[:3] + ([local[3]] if len(local) > 3 else [None])
-    o = fn(*args, group=dist.group.WORLD, layout=layout, schedule="serial")
-    (o * shard_sequence(weight, **kw)).sum().backward()
-    return o.detach(), [t.grad for t in local]
+    return serial_rank_run(rank, world, family, layout, *_inputs(family, T))
 
 
 @pytest.mark.timeout(240)
@@ -64,7 +27,7 @@ def test_serial_schedule_is_exact(world, layout, family):
 
     T = 2 * world * 35  # 35 tokens per slice: ragged against the 64-token chunk
     q, k, v, gates = _inputs(family, T)
-    o_ref, grads_ref = _reference(family, q, k, v, gates)
+    o_ref, grads_ref = naive_reference(family, q, k, v, gates)
     for rank, (o, grads) in enumerate(run_ranks(_worker, world, family, layout, T)):
         kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
         torch.testing.assert_close(o, shard_sequence(o_ref, **kw), rtol=1e-9, atol=1e-9)
