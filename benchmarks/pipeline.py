@@ -376,8 +376,9 @@ def parse_args(argv: list[str]):
     return args
 
 
-def _write(args, rows: list[dict], world: int, *, final: bool) -> None:
-    """The JSON of the rows so far (rank 0; after every row, so a time limit loses little)."""
+def _write(args, rows: list[dict], world: int) -> tuple[Path, dict]:
+    """The JSON of the rows so far (rank 0; after every row, so a time limit loses little);
+    returns its path and headline."""
     card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     meta = {
         "card": card,
@@ -403,9 +404,7 @@ def _write(args, rows: list[dict], world: int, *, final: bool) -> None:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    if final:
-        print(json.dumps(result["headline"], indent=1))
-        print(f"wrote {out}")
+    return out, result["headline"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -473,9 +472,11 @@ def main(argv: list[str] | None = None) -> None:
                 print_row(row)
         rows.append(row)
         if rank == 0:
-            _write(args, rows, world, final=False)
-    if rank == 0:
-        _write(args, rows, world, final=True)
+            written = _write(args, rows, world)
+    if rank == 0:  # the grid is never empty: the last row's write holds every row
+        out, head = written
+        print(json.dumps(head, indent=1))
+        print(f"wrote {out}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -85,8 +85,7 @@ class WeightGradStore:
 
         def apply() -> None:
             for x, dy, weight in items:
-                dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
-                dw = dw.to(weight.dtype)
+                dw = _weight_grad(x, dy, weight)
                 if weight.grad is None:
                     weight.grad = dw
                 else:
@@ -103,6 +102,11 @@ class WeightGradStore:
             apply()
 
         return run
+
+
+def _weight_grad(x: torch.Tensor, dy: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
+    """``dy^T x`` over all leading dims, ``[out, in]`` in the weight's dtype."""
+    return dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -141,8 +145,7 @@ class _DeferredLinear(torch.autograd.Function):
         if ctx.store.armed:
             ctx.store.pending.append((xc, dy, weight))
             return dx, None, None
-        dw = dy.reshape(-1, dy.shape[-1]).t().mm(xc.reshape(-1, xc.shape[-1]))
-        return dx, dw.to(weight.dtype), None
+        return dx, _weight_grad(xc, dy, weight), None
 
 
 def _deferred_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
