@@ -242,6 +242,8 @@ CASES += [
     # the WY backward with tf32 products for 16-bit inputs; the dq/dk/w kernel with K whole
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_WYBWD_LOWP": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_DQKW_BK": "128"}),
+    # w recomputed in the backward instead of kept from the forward
+    ("gated_delta", "bf16", 128, 128, False, True, {"LINSCALE_DELTA_KEEP_W": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "tf32"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_OUT_BV": "128"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_FWD_BV": "64"}),

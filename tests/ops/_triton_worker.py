@@ -71,6 +71,20 @@ CASES = {
         ("delta_no_gate_varlen_no_state", "delta", 1, 160, 2, 16, 32, 3, None, False),
         # several chunks per sequence through the scans
         ("gated_delta_long", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
+        # ids with "_recomputew" recompute w in the backward instead of keeping it (KEEP_W=off)
+        (
+            "gd_v80_short_docs_recomputew",
+            "gated_delta",
+            1,
+            150,
+            1,
+            16,
+            80,
+            [0, 10, 10, 30, 150],
+            None,
+            True,
+        ),
+        ("gated_delta_long_recomputew", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
     ],
 }
 
@@ -89,6 +103,7 @@ def main(family: str) -> None:
         os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v3"
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
+        os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recomputew" in cid else "on"
         x, cu = make_inputs(
             variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
         )

@@ -73,3 +73,13 @@ def test_bf16_only_product_modes(monkeypatch):
     assert delta._prec(OnCuda(torch.float32)) == {"PREC": "tf32x3", "UW_PREC": "tf32x3"}
     monkeypatch.setenv("LINSCALE_DELTA_WYBWD_LOWP", "off")
     assert not delta._wybwd_lowp(torch.zeros(1, dtype=torch.bfloat16))
+
+
+def test_keep_w_setting(monkeypatch):
+    monkeypatch.delenv("LINSCALE_DELTA_KEEP_W", raising=False)
+    assert delta._keep_w()
+    monkeypatch.setenv("LINSCALE_DELTA_KEEP_W", "off")
+    assert not delta._keep_w()
+    monkeypatch.setenv("LINSCALE_DELTA_KEEP_W", "yes")
+    with pytest.raises(ValueError, match="LINSCALE_DELTA_KEEP_W='yes'.*on, off"):
+        delta._keep_w()

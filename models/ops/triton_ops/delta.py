@@ -11,8 +11,10 @@ forward
        chunk-start states and delta.
     3. :func:`~.delta_chunk_kernels.delta_out_kernel` (chunk x head x V tile): the output.
 
-backward (A, b, the chunk-start states and delta are kept from the forward)
-    1. the WY kernel again with A loaded: w, and the chunk-local ``d delta = scale P^T do``.
+backward (A, b, w, the chunk-start states and delta are kept from the forward)
+    1. the WY kernel again, for the chunk-local ``d delta = scale P^T do`` only (with
+       ``LINSCALE_DELTA_KEEP_W=off`` the forward drops w and this pass recomputes it from A:
+       one ``[TT, H, K]`` tensor less kept, H100 8K x 8 bf16 fwd+bwd 7.73 against 7.54 ms).
     2. :func:`~.delta_kernels.delta_scan_bwd_kernel`: reverse scan of the state adjoint;
        completes ``d delta`` and stores the chunk-end adjoints and ``dh0``.
     3. :func:`~.delta_chunk_kernels.delta_dqkw_kernel` (chunk x head x K tile): the parts of
@@ -34,6 +36,7 @@ against the fp32 reference from 3.0e-3 to 3.8e-3 (benchmarks/results/delta_quick
 Launch settings, read at every call (each is a launch parameter or constexpr, so changing one
 between calls compiles a new variant), invalid values raise ValueError:
 ``LINSCALE_DELTA_STORE`` (auto, fp32: fp32 intermediates for bf16 inputs too),
+``LINSCALE_DELTA_KEEP_W`` (on, off),
 ``LINSCALE_DELTA_WYBWD_LOWP`` (auto, off: tf32 products in the WY backward),
 ``LINSCALE_DELTA_SOLVE_PREC`` / ``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee, and lowp for
 UW; see :func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,DQKW,WYBWD}_WARPS`` (4, 8; the WY backward
@@ -123,6 +126,12 @@ def _wybwd_lowp(x: torch.Tensor) -> bool:
     return mode == "auto" and x.dtype == torch.bfloat16
 
 
+def _keep_w() -> bool:
+    """Whether the forward keeps w for the backward (``LINSCALE_DELTA_KEEP_W``: on, off = the
+    backward recomputes it from A; on costs one ``[TT, H, K]`` tensor in the storage dtype)."""
+    return env_setting("LINSCALE_DELTA_KEEP_W", "on", ("on", "off")) == "on"
+
+
 def _warps(name: str, default: int) -> int:
     """``num_warps`` of one kernel from ``LINSCALE_DELTA_<name>_WARPS`` (4 or 8)."""
     return env_setting(f"LINSCALE_DELTA_{name}_WARPS", default, (4, 8))
@@ -171,8 +180,8 @@ class _GatedDelta(torch.autograd.Function):
         w = torch.empty(TT, H, K, **sd)
         wk.delta_wy_fwd_kernel[(nch, H)](
             q, k, v, gf, beta, q, b, a, u, w, u, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=True, STORE_U=True,
-            BWD_PREP=False, **prec, num_warps=_warps("WY", 4), num_stages=1,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=True, STORE_W=True,
+            STORE_U=True, BWD_PREP=False, **prec, num_warps=_warps("WY", 4), num_stages=1,
         )  # fmt: skip
         hc = torch.empty(nch, H, K, V, **sd)
         dlt = torch.empty(TT, H, V, **sd)
@@ -185,20 +194,23 @@ class _GatedDelta(torch.autograd.Function):
             H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_H0=h0 is not None,
             STORE_FINAL=output_final_state,
         )  # fmt: skip
-        del u, w
+        del u
+        keep_w = _keep_w()
+        if not keep_w:
+            del w
         o = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
         bvo = min(env_setting("LINSCALE_DELTA_OUT_BV", 64, (32, 64, 128)), _p2(V))
         ck.delta_out_kernel[(triton.cdiv(V, bvo), nch, H)](
             q, k, b, hc, dlt, o, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bvo, num_warps=_warps("OUT", 4), num_stages=1,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt)
+        ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt, w if keep_w else None)
         ctx.meta = (B, T, H, K, V, scale, grp)
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, a, b, hc, dlt = ctx.saved_tensors
+        q, k, v, g, beta, h0, a, b, hc, dlt, w = ctx.saved_tensors
         B, T, H, K, V, scale, grp = ctx.meta
         TT = B * T
         dev = q.device
@@ -210,12 +222,15 @@ class _GatedDelta(torch.autograd.Function):
         nkp = triton.cdiv(K, bkd)  # K tiles of the dqkw kernel: columns of the gate-gradient part
         gf = g.contiguous().view(TT, H) if g is not None else beta
         do = do.contiguous().view(TT, H, V)
-        w = torch.empty(TT, H, K, **sd)
+        recompute_w = w is None
+        if recompute_w:
+            w = torch.empty(TT, H, K, **sd)
         dd = torch.empty(TT, H, V, **sd)
         wk.delta_wy_fwd_kernel[(nch, H)](
             q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False, STORE_U=False,
-            BWD_PREP=True, **_prec(q), num_warps=_warps("WY", 4), num_stages=1,
+            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False,
+            STORE_W=recompute_w, STORE_U=False, BWD_PREP=True, **_prec(q),
+            num_warps=_warps("WY", 4), num_stages=1,
         )  # fmt: skip
         dhc = torch.empty(nch, H, K, V, **sd)
         dh0 = torch.empty(N, H, K, V, **f32)
@@ -229,7 +244,7 @@ class _GatedDelta(torch.autograd.Function):
         dqp = torch.empty(TT, H, K, **sd)
         dkp = torch.empty(TT, H, K, **sd)
         dbp = torch.empty(TT, H, nkp, **f32)
-        dw = w  # the dqkw kernel overwrites w with its adjoint
+        dw = w if recompute_w else torch.empty_like(w)  # dqkw writes it over a recomputed w
         lowp = sd["dtype"] != torch.float32
         bvd = env_setting("LINSCALE_DELTA_DQKW_BV", 64 if lowp else 32, (16, 32, 64))  # its V tile
         ck.delta_dqkw_kernel[(nkp, nch, H)](

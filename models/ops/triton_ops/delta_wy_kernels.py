@@ -101,6 +101,7 @@ def delta_wy_fwd_kernel(
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
     SOLVE: tl.constexpr,
+    STORE_W: tl.constexpr,
     STORE_U: tl.constexpr,
     BWD_PREP: tl.constexpr,
     PREC: tl.constexpr,
@@ -110,9 +111,10 @@ def delta_wy_fwd_kernel(
 
     SOLVE: build L, solve for A and store it (``a`` ``[TT, H, C]`` fp32, row i of the chunk at
     its token) and b ``[TT, H]`` fp32; otherwise A is loaded. PREC: precision of the solve's
-    block products, UW_PREC: of the fp32 products with A. Always stores w ``[TT, H, K]``,
-    and u ``[TT, H, V]`` if STORE_U (fp32). BWD_PREP (backward): also stores the chunk-local
-    part of the pseudo-value adjoint, ``dd = scale (tril(q k^T) * D)^T do`` ``[TT, H, V]``.
+    block products, UW_PREC: of the fp32 products with A. Stores w ``[TT, H, K]`` if
+    STORE_W and u ``[TT, H, V]`` if STORE_U (A is not read when neither is asked). BWD_PREP
+    (backward): stores the chunk-local part of the pseudo-value adjoint,
+    ``dd = scale (tril(q k^T) * D)^T do`` ``[TT, H, V]``.
     """
     c, h = tl.program_id(0), tl.program_id(1)
     rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
@@ -130,15 +132,16 @@ def delta_wy_fwd_kernel(
         a = unit_lower_inv(lmat, C, PREC)
         tl.store(ap, a.to(a_ptr.dtype.element_ty), mask=am)
         tl.store(b_ptr + rows, bb, mask=mi)
-    else:
+    elif STORE_W or STORE_U:
         a = tl.load(ap, mask=am, other=0.0)
-    bg = beta * tl.exp(bb)
-    for k0 in tl.static_range(0, K, BK):
-        kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-        kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
-        wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-        wt = _uw_dot(a, kt * bg[:, None], UW_PREC, k_ptr.dtype.element_ty)
-        tl.store(wp, wt.to(w_ptr.dtype.element_ty), mask=km)
+    if STORE_W:
+        bg = beta * tl.exp(bb)
+        for k0 in tl.static_range(0, K, BK):
+            kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+            kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
+            wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
+            wt = _uw_dot(a, kt * bg[:, None], UW_PREC, k_ptr.dtype.element_ty)
+            tl.store(wp, wt.to(w_ptr.dtype.element_ty), mask=km)
     if STORE_U:
         for v0 in tl.static_range(0, V, BV):
             vp, vm = _tile(v_ptr, rows, mi, V, v0 + tl.arange(0, BV))
