@@ -8,10 +8,11 @@ reference (relative error ``||a - b|| / ||b||``), then times forward and forward
 
     PYTHONPATH=. python benchmarks/delta_quick.py --out /tmp/delta_quick.json
 
-Options: ``--shapes 8x8192,1x131072,varlen`` (any subset), ``--no-check``, ``--no-time``,
-``--env-variants 'name:VAR=val,VAR2=val;name2:VAR=val'`` (repeatable): after the default
-settings, check and time each shape again with those ``LINSCALE_DELTA_*`` settings. The op
-reads them at every call and every one is a launch parameter or constexpr (part of Triton's
+Options: ``--shapes 8x8192,2x32768,1x131072,varlen`` (any subset; default all but 2x32768),
+``--no-check``, ``--no-time``, ``--env-variants 'name:VAR=val,VAR2=val;name2:VAR=val'``
+(repeatable): after the default settings, check and time each shape again with those
+``LINSCALE_DELTA_*`` settings. The op reads them at every call and every one is a launch
+parameter or constexpr (part of Triton's
 kernel cache key), so setting ``os.environ`` between calls in one process is enough.
 """
 
@@ -171,7 +172,12 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
-    shapes = {"8x8192": (8, 8192, None), "1x131072": (1, 131072, None), "varlen": (1, 65536, 37)}
+    shapes = {
+        "8x8192": (8, 8192, None),
+        "2x32768": (2, 32768, None),
+        "1x131072": (1, 131072, None),
+        "varlen": (1, 65536, 37),
+    }
     rows = []
     for name in args.shapes.split(","):
         B, T, nd = shapes[name]

@@ -186,6 +186,7 @@ def _install(rec: Recorder) -> None:
 
     import models.ops.triton_ops.common as common
     import models.ops.triton_ops.delta as delta
+    import models.ops.triton_ops.delta_scan as delta_scan
 
     orig_run = InterpretedFunction.run
 
@@ -203,19 +204,20 @@ def _install(rec: Recorder) -> None:
             self.device, self.dtype = torch.device("cuda"), x.dtype
 
     delta._prec = lambda x: orig_prec(_OnCuda(x))
-    common.num_sms = delta.num_sms = lambda device: H100_SMS
+    delta_scan._prec = lambda device: "tf32x3"
+    common.num_sms = delta_scan.num_sms = lambda device: H100_SMS
 
-    orig_scan = delta._launch_scan
+    orig_scan = delta_scan.launch_scan
 
     def launch_scan(*args, **kwargs):
-        # _launch_scan retries with num_stages=1 when the pipelined tiles exceed shared memory
+        # launch_scan retries with num_stages=1 when the pipelined tiles exceed shared memory
         rec.stage1_fallback = True
         try:
             return orig_scan(*args, **kwargs)
         finally:
             rec.stage1_fallback = False
 
-    delta._launch_scan = launch_scan
+    delta_scan.launch_scan = launch_scan
 
 
 # (kind, dtype, K, V, varlen, state, env). Head sizes 128, 256 and 64 / 192; 128 / 256 and
@@ -242,6 +244,21 @@ CASES += [
     # the WY backward with tf32 products for 16-bit inputs; the dq/dk/w kernel with K whole
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_WYBWD_LOWP": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_DQKW_BK": "128"}),
+    # the scans cut into segments (transition products, the pass across segments, replay)
+    ("gated_delta", "bf16", 128, 128, False, True, {"LINSCALE_DELTA_SCAN_SEGMENT": "2"}),
+    ("gated_delta", "fp32", 128, 128, False, True, {"LINSCALE_DELTA_SCAN_SEGMENT": "2"}),
+    ("gated_delta", "bf16", 64, 192, True, False, {"LINSCALE_DELTA_SCAN_SEGMENT": "2"}),
+    # the chunk-local dd from its own pass (with w kept, and with w recomputed)
+    ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_LOCAL_DD": "off"}),
+    (
+        "gated_delta",
+        "bf16",
+        128,
+        128,
+        False,
+        False,
+        {"LINSCALE_DELTA_LOCAL_DD": "off", "LINSCALE_DELTA_KEEP_W": "off"},
+    ),
     # w recomputed in the backward instead of kept from the forward
     ("gated_delta", "bf16", 128, 128, False, True, {"LINSCALE_DELTA_KEEP_W": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "tf32"}),

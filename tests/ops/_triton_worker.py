@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,38 @@ CASES = {
             True,
         ),
         ("gated_delta_long_recomputew", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
+        # ids with "_segN" cut the scans into segments of N chunks (LINSCALE_DELTA_SCAN_SEGMENT):
+        # transition products, the pass across segments and the replay, forward and backward;
+        # "_weakg": gates scaled by 0.05, so that states cross segments undecayed (~0.7/chunk)
+        ("gated_delta_long_seg2_weakg", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
+        ("gd_docs_seg1", "gated_delta", 1, 330, 2, 16, 24, [0, 64, 64, 200, 330], None, True),
+        ("gd_batch_seg3_no_state_weakg", "gated_delta", 2, 300, 2, 24, 16, None, None, False),
+        ("delta_no_gate_seg2_k40_v72", "delta", 1, 260, 1, 40, 72, None, None, True),
+        # ids with "_prepdd": the chunk-local dd from its own pass, not inside the reverse scan
+        (
+            "gd_v80_short_docs_prepdd",
+            "gated_delta",
+            1,
+            150,
+            1,
+            16,
+            80,
+            [0, 10, 10, 30, 150],
+            None,
+            True,
+        ),
+        (
+            "gated_delta_long_seg2_weakg_prepdd_recomputew",
+            "gated_delta",
+            1,
+            400,
+            1,
+            32,
+            32,
+            None,
+            None,
+            True,
+        ),
     ],
 }
 
@@ -104,9 +137,14 @@ def main(family: str) -> None:
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
         os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recomputew" in cid else "on"
+        os.environ["LINSCALE_DELTA_LOCAL_DD"] = "off" if "_prepdd" in cid else "on"  # fp32 here
+        seg = re.search(r"_seg(\d+)", cid)
+        os.environ["LINSCALE_DELTA_SCAN_SEGMENT"] = seg.group(1) if seg else ""
         x, cu = make_inputs(
             variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
         )
+        if "_weakg" in cid:
+            x["g"] = x["g"] * 0.05
         try:
             out[cid] = check_against_naive(
                 mod, variant, x, cu, tol=float("inf"), with_state=with_state

@@ -36,7 +36,8 @@ against the fp32 reference from 3.0e-3 to 3.8e-3 (benchmarks/results/delta_quick
 Launch settings, read at every call (each is a launch parameter or constexpr, so changing one
 between calls compiles a new variant), invalid values raise ValueError:
 ``LINSCALE_DELTA_STORE`` (auto, fp32: fp32 intermediates for bf16 inputs too),
-``LINSCALE_DELTA_KEEP_W`` (on, off),
+``LINSCALE_DELTA_KEEP_W`` (on, off), ``LINSCALE_DELTA_LOCAL_DD`` (auto, on, off),
+``LINSCALE_DELTA_SCAN_SEGMENT`` (chunks per scan segment, 0 = none; :mod:`.delta_scan`),
 ``LINSCALE_DELTA_WYBWD_LOWP`` (auto, off: tf32 products in the WY backward),
 ``LINSCALE_DELTA_SOLVE_PREC`` / ``LINSCALE_DELTA_UW_PREC`` (tf32x3, tf32, ieee, and lowp for
 UW; see :func:`_prec`), ``LINSCALE_DELTA_{WY,OUT,DQKW,WYBWD}_WARPS`` (4, 8; the WY backward
@@ -56,12 +57,11 @@ from __future__ import annotations
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 from models.ops.triton_ops import delta_chunk_kernels as ck
-from models.ops.triton_ops import delta_kernels as sk
 from models.ops.triton_ops import delta_wy_kernels as wk
-from models.ops.triton_ops.common import check_inputs, env_setting, make_groups, num_sms
+from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
+from models.ops.triton_ops.delta_scan import plan_scan, scan_backward, scan_forward
 
 __all__ = ["chunk_gated_delta_rule"]
 
@@ -73,22 +73,6 @@ def _p2(x: int) -> int:
 
 
 _PRECS = ("tf32x3", "tf32", "ieee")
-
-
-def _scan_bv(n_seq: int, H: int, V: int, device: torch.device, *, fwd: bool = False) -> int:
-    """V tile of a sequential scan: narrower tiles give more programs with few sequences; the
-    forward scan takes 64-wide tiles while they still give a program per SM (H100, bf16: 8K x 8
-    fwd+bwd 8.2 -> 7.9 ms; one 128K sequence stays faster with 16). ``LINSCALE_DELTA_SCAN_BV``
-    (16/32/64) overrides both scans, ``LINSCALE_DELTA_SCAN_FWD_BV`` the forward one."""
-    sms = num_sms(device)
-    if fwd and n_seq * H * triton.cdiv(V, 64) >= sms:
-        auto = 64
-    elif n_seq * H * triton.cdiv(V, 32) >= 2 * sms:
-        auto = 32
-    else:
-        auto = 16
-    bv = env_setting("LINSCALE_DELTA_SCAN_BV", auto, (16, 32, 64))
-    return env_setting("LINSCALE_DELTA_SCAN_FWD_BV", bv, (16, 32, 64)) if fwd else bv
 
 
 def _prec(x: torch.Tensor) -> dict:
@@ -132,24 +116,21 @@ def _keep_w() -> bool:
     return env_setting("LINSCALE_DELTA_KEEP_W", "on", ("on", "off")) == "on"
 
 
+def _local_dd(K: int, store: torch.dtype) -> bool:
+    """Whether the reverse scan forms the chunk-local pseudo-value adjoint ``scale P^T do``
+    from the q and k it loads anyway (``LINSCALE_DELTA_LOCAL_DD``: auto, on, off; off = a
+    separate chunk-parallel pass writes it first and the scan reads it). auto = on for bf16
+    intermediates and K <= 128; wider K or fp32 intermediates spill in the scan (sm_90
+    compile statistics: 370 and 240 bytes at 4 warps)."""
+    mode = env_setting("LINSCALE_DELTA_LOCAL_DD", "auto", ("auto", "on", "off"))
+    if mode == "auto":
+        return K <= 128 and store == torch.bfloat16
+    return mode == "on"
+
+
 def _warps(name: str, default: int) -> int:
     """``num_warps`` of one kernel from ``LINSCALE_DELTA_<name>_WARPS`` (4 or 8)."""
     return env_setting(f"LINSCALE_DELTA_{name}_WARPS", default, (4, 8))
-
-
-def _launch_scan(kernel, grid, *args, K: int, **kw):
-    """Launch a sequential scan with its loads pipelined one chunk ahead (``num_stages`` from
-    ``LINSCALE_DELTA_SCAN_STAGES``, 1 to 3, default 2), falling back to one stage if the tiles
-    do not fit in shared memory. Always 4 warps: 8 warps with 16-wide V tiles gave wrong
-    results on the H100 (relative error 0.19 at 128K x 1, Triton 3.6), so it is not offered."""
-    stages = env_setting("LINSCALE_DELTA_SCAN_STAGES", 2, (1, 2, 3))
-    nw = 4
-    try:
-        kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=stages)
-    except OutOfResources:
-        if stages == 1:
-            raise
-        kernel[grid](*args, K=K, **kw, num_warps=nw, num_stages=1)
 
 
 class _GatedDelta(torch.autograd.Function):
@@ -186,13 +167,11 @@ class _GatedDelta(torch.autograd.Function):
         hc = torch.empty(nch, H, K, V, **sd)
         dlt = torch.empty(TT, H, V, **sd)
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else b
-        h0c = h0.contiguous() if h0 is not None else hc
-        bvs = _scan_bv(N, H, V, dev, fwd=True)
-        _launch_scan(
-            sk.delta_scan_fwd_kernel, (triton.cdiv(V, bvs), N, H),
-            k, w, u, b, h0c, hc, dlt, ht, grp.bos, grp.eos, grp.seq_g0,
-            H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_H0=h0 is not None,
-            STORE_FINAL=output_final_state,
+        plan = plan_scan(grp, B, T, cu_seqlens, H, K, V)
+        h0c = h0.contiguous() if h0 is not None else None
+        p_seg = scan_forward(
+            plan, grp, k, w, u, b, h0c, hc, dlt, ht,
+            H=H, K=K, V=V, C=_C, store_final=output_final_state,
         )  # fmt: skip
         del u
         keep_w = _keep_w()
@@ -204,14 +183,14 @@ class _GatedDelta(torch.autograd.Function):
             q, k, b, hc, dlt, o, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bvo, num_warps=_warps("OUT", 4), num_stages=1,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt, w if keep_w else None)
-        ctx.meta = (B, T, H, K, V, scale, grp)
+        ctx.save_for_backward(q, k, v, g, beta, h0, a, b, hc, dlt, w if keep_w else None, p_seg)
+        ctx.meta = (B, T, H, K, V, scale, grp, plan)
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, a, b, hc, dlt, w = ctx.saved_tensors
-        B, T, H, K, V, scale, grp = ctx.meta
+        q, k, v, g, beta, h0, a, b, hc, dlt, w, p_seg = ctx.saved_tensors
+        B, T, H, K, V, scale, grp, plan = ctx.meta
         TT = B * T
         dev = q.device
         nch, N = grp.n_groups, grp.n_seq
@@ -226,20 +205,20 @@ class _GatedDelta(torch.autograd.Function):
         if recompute_w:
             w = torch.empty(TT, H, K, **sd)
         dd = torch.empty(TT, H, V, **sd)
-        wk.delta_wy_fwd_kernel[(nch, H)](
-            q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
-            H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False,
-            STORE_W=recompute_w, STORE_U=False, BWD_PREP=True, **_prec(q),
-            num_warps=_warps("WY", 4), num_stages=1,
-        )  # fmt: skip
+        local_dd = _local_dd(K, sd["dtype"])  # the reverse scan forms dd's local part
+        if recompute_w or not local_dd:
+            wk.delta_wy_fwd_kernel[(nch, H)](
+                q, k, v, gf, beta, do, b, a, dd, w, dd, grp.bos, grp.eos, scale,
+                H=H, K=K, V=V, C=_C, BK=bk, BV=bv, HAS_G=g is not None, SOLVE=False,
+                STORE_W=recompute_w, STORE_U=False, BWD_PREP=not local_dd, **_prec(q),
+                num_warps=_warps("WY", 4), num_stages=1,
+            )  # fmt: skip
         dhc = torch.empty(nch, H, K, V, **sd)
         dh0 = torch.empty(N, H, K, V, **f32)
-        dhtc = dht.contiguous() if dht is not None else dh0
-        bvs = _scan_bv(N, H, V, dev)
-        _launch_scan(
-            sk.delta_scan_bwd_kernel, (triton.cdiv(V, bvs), N, H),
-            q, k, w, b, do, dd, dhtc, dhc, dh0, grp.bos, grp.eos, grp.seq_g0, scale,
-            H=H, K=K, V=V, C=_C, BK=_p2(K), BV=bvs, HAS_DHT=dht is not None,
+        dhtc = dht.contiguous() if dht is not None else None
+        scan_backward(
+            plan, grp, p_seg, q, k, w, b, do, dd, dhtc, dhc, dh0, scale,
+            H=H, K=K, V=V, C=_C, local_dd=local_dd,
         )  # fmt: skip
         dqp = torch.empty(TT, H, K, **sd)
         dkp = torch.empty(TT, H, K, **sd)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["delta_scan_fwd_kernel", "delta_scan_bwd_kernel"]
+__all__ = ["delta_scan_fwd_kernel", "delta_scan_bwd_kernel", "delta_seg_combine_kernel"]
 
 
 @triton.jit
@@ -74,11 +74,17 @@ def delta_scan_fwd_kernel(
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr,
+    STORE_CHUNKS: tl.constexpr = True,
+    TRANSITION: tl.constexpr = False,
 ):
     """Forward scan of sequence ``n``, head ``h``, one V tile. Grid ``(cdiv(V, BV), N, H)``.
 
-    Stores the state at every chunk start ``hc`` ``[NCh, H, K, V]``, ``delta`` ``[TT, H, V]``
-    (fp32) and, if asked, the final state ``ht`` ``[N, H, K, V]``.
+    Stores the state at every chunk start ``hc`` ``[NCh, H, K, V]`` and ``delta`` ``[TT, H, V]``
+    (if STORE_CHUNKS) and, if asked, the final state ``ht`` ``[N, H, K, V]``. A "sequence" is
+    any run of chunks ``seq_g0[n] <= c < seq_g0[n + 1]`` (a segment of one, see
+    :func:`delta_seg_combine_kernel`). TRANSITION: the product of the runs's chunk transitions
+    ``M = exp(b_C) I - (k exp(b_C - b))^T w`` instead, i.e. the same scan started from the
+    identity with u = 0 (V must then be K; u, hc, delta are not touched), stored as ``ht``.
     """
     pv, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
@@ -86,24 +92,31 @@ def delta_scan_fwd_kernel(
     c0 = tl.load(seq_g0 + n)
     c1 = tl.load(seq_g0 + n + 1)
     p0, m0 = _state(h0_ptr, n, h, H, K, V, offs_k, offs_v)  # names apart from the loop's
-    if HAS_H0:
+    if TRANSITION:
+        st = tl.where((offs_k[:, None] == offs_v[None, :]) & m0, 1.0, 0.0)
+    elif HAS_H0:
         st = tl.load(p0, mask=m0, other=0.0).to(tl.float32)
     else:
         st = tl.zeros([BK, BV], tl.float32)
     for i in range(c1 - c0):
         c = c0 + i
         rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
-        sp, sm = _state(hc_ptr, c, h, H, K, V, offs_k, offs_v)
-        tl.store(sp, st.to(hc_ptr.dtype.element_ty), mask=sm)
+        if STORE_CHUNKS:
+            sp, sm = _state(hc_ptr, c, h, H, K, V, offs_k, offs_v)
+            tl.store(sp, st.to(hc_ptr.dtype.element_ty), mask=sm)
         up, um = _tile(u_ptr, rows, mi, V, offs_v)
         wp, wm = _tile(w_ptr, rows, mi, K, offs_k)
         kp, _ = _tile(k_ptr, rows, mi, K, offs_k)
         w = tl.load(wp, mask=wm, other=0.0)
         sd = w.dtype  # storage dtype of u, w, delta and the states (products in it)
-        delta = tl.load(up, mask=um, other=0.0).to(tl.float32) - tl.dot(w, st.to(sd))
+        if TRANSITION:
+            delta = -tl.dot(w, st.to(sd))
+        else:
+            delta = tl.load(up, mask=um, other=0.0).to(tl.float32) - tl.dot(w, st.to(sd))
         delta = delta.to(sd)
-        dp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
-        tl.store(dp, delta, mask=um)
+        if STORE_CHUNKS:
+            dp, _ = _tile(dlt_ptr, rows, mi, V, offs_v)
+            tl.store(dp, delta, mask=um)
         bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
         bl = _last_gate(b_ptr, lrow, n_tok)
         kd = tl.load(kp, mask=wm, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
@@ -135,15 +148,19 @@ def delta_scan_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_DHT: tl.constexpr,
+    STORE_CHUNKS: tl.constexpr = True,
+    LOCAL_DD: tl.constexpr = False,
 ):
     """Reverse scan of the state adjoint ``dh`` (of each chunk-end state). Grid as the forward.
 
-    ``dd`` ``[TT, H, V]`` fp32 holds the chunk-local part ``scale P^T do`` on entry and the
+    ``dd`` ``[TT, H, V]`` holds the chunk-local part ``scale P^T do`` on entry (unless LOCAL_DD:
+    then the scan forms it from the q and k it loads anyway, ``P = tril(q k^T) * D``) and the
     full ``d delta = scale P^T do + k exp(b_C - b) dh`` on exit; per chunk, from the last::
 
         dh_prev = exp(b_C) dh + scale (exp(b) q)^T do - w^T d delta
 
-    Stores the chunk-end adjoints ``dhc`` ``[NCh, H, K, V]`` and ``dh0`` ``[N, H, K, V]``.
+    Stores the chunk-end adjoints ``dhc`` ``[NCh, H, K, V]`` and the full d delta (if
+    STORE_CHUNKS; else dd and dhc are only read) and ``dh0`` ``[N, H, K, V]``.
     """
     pv, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
@@ -158,23 +175,95 @@ def delta_scan_bwd_kernel(
     for i in range(c1 - c0):
         c = c1 - 1 - i
         rows, mi, n_tok, lrow = _rows(bos_ptr, eos_ptr, c, h, H, C)
-        sp, sm = _state(dhc_ptr, c, h, H, K, V, offs_k, offs_v)
-        tl.store(sp, dh.to(dhc_ptr.dtype.element_ty), mask=sm)
+        if STORE_CHUNKS:
+            sp, sm = _state(dhc_ptr, c, h, H, K, V, offs_k, offs_v)
+            tl.store(sp, dh.to(dhc_ptr.dtype.element_ty), mask=sm)
         bb = tl.load(b_ptr + rows, mask=mi, other=0.0)
         bl = _last_gate(b_ptr, lrow, n_tok)
         kp, km = _tile(k_ptr, rows, mi, K, offs_k)
         wp, _ = _tile(w_ptr, rows, mi, K, offs_k)
         w = tl.load(wp, mask=km, other=0.0)
         sd = w.dtype  # storage dtype of w and the states (products in it)
-        kd = tl.load(kp, mask=km, other=0.0).to(tl.float32) * tl.exp(bl - bb)[:, None]
-        ddp, dm = _tile(dd_ptr, rows, mi, V, offs_v)
-        dd = tl.load(ddp, mask=dm, other=0.0).to(tl.float32) + tl.dot(kd.to(sd), dh.to(sd))
-        dd = dd.to(dd_ptr.dtype.element_ty)
-        tl.store(ddp, dd, mask=dm)
+        kraw = tl.load(kp, mask=km, other=0.0)
+        kd = kraw.to(tl.float32) * tl.exp(bl - bb)[:, None]
         qp, _ = _tile(q_ptr, rows, mi, K, offs_k)
-        qg = tl.load(qp, mask=km, other=0.0).to(tl.float32) * (scale * tl.exp(bb))[:, None]
+        qraw = tl.load(qp, mask=km, other=0.0)
+        ddp, dm = _tile(dd_ptr, rows, mi, V, offs_v)
         dop, _ = _tile(do_ptr, rows, mi, V, offs_v)
         do = tl.load(dop, mask=dm, other=0.0).to(sd)
+        if LOCAL_DD:
+            r = tl.arange(0, C)
+            dmat = tl.where(r[:, None] >= r[None, :], bb[:, None] - bb[None, :], float("-inf"))
+            pt = tl.trans(tl.dot(qraw, tl.trans(kraw)) * tl.exp(dmat) * scale)
+            dd = tl.dot(pt.to(sd), do)
+        else:
+            dd = tl.load(ddp, mask=dm, other=0.0).to(tl.float32)
+        dd = dd + tl.dot(kd.to(sd), dh.to(sd))
+        dd = dd.to(dd_ptr.dtype.element_ty)
+        if STORE_CHUNKS:
+            tl.store(ddp, dd, mask=dm)
+        qg = qraw.to(tl.float32) * (scale * tl.exp(bb))[:, None]
         dh = tl.exp(bl) * dh + tl.dot(tl.trans(qg.to(sd)), do) - tl.dot(tl.trans(w), dd.to(sd))
     p1, m1 = _state(dh0_ptr, n, h, H, K, V, offs_k, offs_v)
     tl.store(p1, dh, mask=m1)
+
+
+@triton.jit
+def delta_seg_combine_kernel(
+    p_ptr,
+    s_ptr,
+    h0_ptr,
+    hin_ptr,
+    ht_ptr,
+    seq_s0,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Pass states across the segments of sequence ``n`` (head ``h``, one V tile), in order.
+    Grid ``(cdiv(V, BV), N, H)``.
+
+    A long sequence's scan runs as segments of chunks (LASP-2's split, inside one GPU): each
+    segment ``s`` of sequence n (``seq_s0[n] <= s < seq_s0[n + 1]``) has its transition product
+    ``P_s`` (``p`` ``[NS, H, K, K]``, fp32) and its scan result from a zero state ``S_s``
+    (``s`` ``[NS, H, K, V]``). Forward: ``h_in(s) = h``, then ``h = P_s h + S_s``, from
+    ``h0[n]`` (or 0). REVERSE (the state adjoint, last segment first): ``dh_end(s) = dh``, then
+    ``dh = P_s^T dh + S_s``, from ``ht[n]``'s adjoint. Stores each segment's entry value in
+    ``hin`` ``[NS, H, K, V]`` (fp32) and the last value (``ht``, or ``dh0`` in reverse) if
+    STORE_FINAL. Products in precision PREC.
+    """
+    pv, n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = tl.arange(0, BK)
+    offs_v = pv * BV + tl.arange(0, BV)
+    s0 = tl.load(seq_s0 + n)
+    s1 = tl.load(seq_s0 + n + 1)
+    p0, m0 = _state(h0_ptr, n, h, H, K, V, offs_k, offs_v)
+    if HAS_H0:
+        st = tl.load(p0, mask=m0, other=0.0).to(tl.float32)
+    else:
+        st = tl.zeros([BK, BV], tl.float32)
+    for i in range(s1 - s0):
+        if REVERSE:
+            sg = s1 - 1 - i
+        else:
+            sg = s0 + i
+        ip, im = _state(hin_ptr, sg, h, H, K, V, offs_k, offs_v)
+        tl.store(ip, st, mask=im)
+        base = (sg.to(tl.int64) * H + h) * K * K
+        km = (offs_k < K)[:, None] & (offs_k < K)[None, :]
+        if REVERSE:  # P^T: element (i, j) = P[j, i]
+            pp = p_ptr + base + offs_k[None, :] * K + offs_k[:, None]
+        else:
+            pp = p_ptr + base + offs_k[:, None] * K + offs_k[None, :]
+        pm = tl.load(pp, mask=km, other=0.0)
+        sp, _ = _state(s_ptr, sg, h, H, K, V, offs_k, offs_v)
+        st = tl.dot(pm, st, input_precision=PREC) + tl.load(sp, mask=im, other=0.0)
+    if STORE_FINAL:
+        p1, m1 = _state(ht_ptr, n, h, H, K, V, offs_k, offs_v)
+        tl.store(p1, st, mask=m1)
