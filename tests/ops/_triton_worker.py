@@ -72,52 +72,19 @@ CASES = {
         ("delta_no_gate_varlen_no_state", "delta", 1, 160, 2, 16, 32, 3, None, False),
         # several chunks per sequence through the scans
         ("gated_delta_long", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
-        # ids with "_recomputew" recompute w in the backward instead of keeping it (KEEP_W=off)
-        (
-            "gd_v80_short_docs_recomputew",
-            "gated_delta",
-            1,
-            150,
-            1,
-            16,
-            80,
-            [0, 10, 10, 30, 150],
-            None,
-            True,
-        ),
-        ("gated_delta_long_recomputew", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
-        # ids with "_segN" cut the scans into segments of N chunks (LINSCALE_DELTA_SCAN_SEGMENT):
-        # transition products, the pass across segments and the replay, forward and backward;
-        # "_weakg": gates scaled by 0.05, so that states cross segments undecayed (~0.7/chunk)
+        # id parts switch settings: "_recw" LINSCALE_DELTA_KEEP_W=off (w recomputed in the
+        # backward), "_segN" LINSCALE_DELTA_SCAN_SEGMENT=N (scans cut into segments of N chunks:
+        # transition products, the pass across segments, the replay), "_prepdd"
+        # LINSCALE_DELTA_LOCAL_DD=off (dd's local part from its own pass); "_weakg" scales the
+        # gates by 0.05, so that states cross segments undecayed (~0.7 per chunk)
+        ("gd_v80_docs_recw", "gated_delta", 1, 150, 1, 16, 80, [0, 10, 10, 30, 150], None, True),
+        ("gated_delta_long_recw", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
         ("gated_delta_long_seg2_weakg", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
         ("gd_docs_seg1", "gated_delta", 1, 330, 2, 16, 24, [0, 64, 64, 200, 330], None, True),
         ("gd_batch_seg3_no_state_weakg", "gated_delta", 2, 300, 2, 24, 16, None, None, False),
         ("delta_no_gate_seg2_k40_v72", "delta", 1, 260, 1, 40, 72, None, None, True),
-        # ids with "_prepdd": the chunk-local dd from its own pass, not inside the reverse scan
-        (
-            "gd_v80_short_docs_prepdd",
-            "gated_delta",
-            1,
-            150,
-            1,
-            16,
-            80,
-            [0, 10, 10, 30, 150],
-            None,
-            True,
-        ),
-        (
-            "gated_delta_long_seg2_weakg_prepdd_recomputew",
-            "gated_delta",
-            1,
-            400,
-            1,
-            32,
-            32,
-            None,
-            None,
-            True,
-        ),
+        ("gd_v80_docs_prepdd", "gated_delta", 1, 150, 1, 16, 80, [0, 10, 10, 30, 150], None, True),
+        ("gd_seg2_weakg_prepdd_recw", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
     ],
 }
 
@@ -136,7 +103,7 @@ def main(family: str) -> None:
         os.environ["LINSCALE_GLA_INTRA"] = "v2" if "_v2" in cid else "v3"
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
-        os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recomputew" in cid else "on"
+        os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recw" in cid else "on"
         os.environ["LINSCALE_DELTA_LOCAL_DD"] = "off" if "_prepdd" in cid else "on"  # fp32 here
         seg = re.search(r"_seg(\d+)", cid)
         os.environ["LINSCALE_DELTA_SCAN_SEGMENT"] = seg.group(1) if seg else ""
