@@ -8,15 +8,20 @@ forward
        b, ``A = (I + L)^-1`` (exact in-register solve), ``u = A beta v``, ``w = A beta gam k``.
     2. :func:`~.delta_kernels.delta_scan_fwd_kernel` (sequence x head x V tile, sequential over
        chunks): ``delta = u - w h``, ``h' = gam_C h + (k gam_C/gam)^T delta``; stores the
-       chunk-start states and delta.
+       chunk-start states and delta. With few long sequences the scan runs in segments
+       across the SMs (:mod:`.delta_scan`: transition products, a pass across segments,
+       replay; one 128K sequence fwd+bwd 21.2 -> 18.2 ms on the H100).
     3. :func:`~.delta_chunk_kernels.delta_out_kernel` (chunk x head x V tile): the output.
 
 backward (A, b, w, the chunk-start states and delta are kept from the forward)
-    1. the WY kernel again, for the chunk-local ``d delta = scale P^T do`` only (with
-       ``LINSCALE_DELTA_KEEP_W=off`` the forward drops w and this pass recomputes it from A:
-       one ``[TT, H, K]`` tensor less kept, H100 8K x 8 bf16 fwd+bwd 7.73 against 7.54 ms).
-    2. :func:`~.delta_kernels.delta_scan_bwd_kernel`: reverse scan of the state adjoint;
-       completes ``d delta`` and stores the chunk-end adjoints and ``dh0``.
+    1. only with ``LINSCALE_DELTA_KEEP_W=off`` (the forward then drops w: one ``[TT, H, K]``
+       tensor less kept; H100 8K x 8 bf16 fwd+bwd 7.73 against 7.54 ms) or
+       ``LINSCALE_DELTA_LOCAL_DD=off``: the WY kernel again, recomputing w from A and/or
+       writing the chunk-local ``d delta = scale P^T do``.
+    2. :func:`~.delta_kernels.delta_scan_bwd_kernel`: reverse scan of the state adjoint (in
+       segments as the forward's); forms the chunk-local part of ``d delta`` from the q and k
+       it loads (for bf16 intermediates and K <= 128; 8K x 8: 7.54 -> 7.24 ms), completes it
+       and stores it, the chunk-end adjoints and ``dh0``.
     3. :func:`~.delta_chunk_kernels.delta_dqkw_kernel` (chunk x head x K tile): the parts of
        dq, dk, db that go through the states, and ``dw``.
     4. :func:`~.delta_wy_kernels.delta_wy_bwd_kernel` (chunk x head): through the intra-chunk
