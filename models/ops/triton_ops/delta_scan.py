@@ -131,6 +131,20 @@ def _prec(device: torch.device) -> str:
     return "tf32x3" if device.type == "cuda" else "ieee"
 
 
+def _combine(plan, p_seg, local, start, entry, final, *, store_final, reverse):
+    """Pass states (or, ``reverse``, state adjoints) across each sequence's segments:
+    :func:`~.delta_kernels.delta_seg_combine_kernel` from ``start`` ``[N, H, K, V]`` (None: 0)
+    with the segments' ``local`` results; fills ``entry`` ``[NS, H, K, V]`` and ``final``."""
+    NS, H, K, V = local.shape
+    n_seq = plan.segs.seq_g0.numel() - 1
+    sk.delta_seg_combine_kernel[(triton.cdiv(V, _COMBINE_BV), n_seq, H)](
+        p_seg, local, start if start is not None else entry, entry, final, plan.segs.seq_g0,
+        H=H, K=K, V=V, BK=_p2(K), BV=_COMBINE_BV, HAS_H0=start is not None,
+        STORE_FINAL=store_final, REVERSE=reverse, PREC=_prec(local.device), num_warps=8,
+        num_stages=1,
+    )  # fmt: skip
+
+
 def scan_forward(plan, grp, k, w, u, b, h0, hc, dlt, ht, *, H, K, V, C, store_final):
     """Fill the chunk-start states ``hc`` and ``delta`` (and ``ht`` if ``store_final``) from
     the WY pseudo-values; returns the segments' transition products ``[NS, H, K, K]`` (fp32)
@@ -164,11 +178,7 @@ def scan_forward(plan, grp, k, w, u, b, h0, hc, dlt, ht, *, H, K, V, C, store_fi
         TRANSITION=True,
     )  # fmt: skip
     h_in = torch.empty(ns, H, K, V, **f32)
-    sk.delta_seg_combine_kernel[(triton.cdiv(V, _COMBINE_BV), grp.n_seq, H)](
-        p_seg, s_loc, h0 if h0 is not None else h_in, h_in, ht, plan.segs.seq_g0,
-        H=H, K=K, V=V, BK=bk, BV=_COMBINE_BV, HAS_H0=h0 is not None, STORE_FINAL=store_final,
-        REVERSE=False, PREC=_prec(dev), num_warps=8, num_stages=1,
-    )  # fmt: skip
+    _combine(plan, p_seg, s_loc, h0, h_in, ht, store_final=store_final, reverse=False)
     del s_loc
     launch_scan(
         sk.delta_scan_fwd_kernel, (triton.cdiv(V, bv), ns, H),
@@ -207,11 +217,7 @@ def scan_backward(
         H=H, K=K, V=V, C=C, BK=bk, BV=bv, HAS_DHT=False, STORE_CHUNKS=False, LOCAL_DD=local_dd,
     )  # fmt: skip
     dh_end = torch.empty(ns, H, K, V, **f32)
-    sk.delta_seg_combine_kernel[(triton.cdiv(V, _COMBINE_BV), grp.n_seq, H)](
-        p_seg, r_loc, dht if dht is not None else dh_end, dh_end, dh0, plan.segs.seq_g0,
-        H=H, K=K, V=V, BK=bk, BV=_COMBINE_BV, HAS_H0=dht is not None, STORE_FINAL=True,
-        REVERSE=True, PREC=_prec(dev), num_warps=8, num_stages=1,
-    )  # fmt: skip
+    _combine(plan, p_seg, r_loc, dht, dh_end, dh0, store_final=True, reverse=True)
     launch_scan(
         sk.delta_scan_bwd_kernel, (triton.cdiv(V, bv), ns, H),
         q, k, w, b, do, dd, dh_end, dhc, r_loc, *common,
