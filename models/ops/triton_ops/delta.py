@@ -126,7 +126,8 @@ def _local_dd(K: int, store: torch.dtype) -> bool:
     from the q and k it loads anyway (``LINSCALE_DELTA_LOCAL_DD``: auto, on, off; off = a
     separate chunk-parallel pass writes it first and the scan reads it). auto = on for bf16
     intermediates and K <= 128; wider K or fp32 intermediates spill in the scan (sm_90
-    compile statistics: 370 and 240 bytes at 4 warps)."""
+    compile statistics: 370 and 240 bytes at 4 warps; H100, fp32 intermediates: 14.48
+    against 14.32 ms at 8K x 8, 20.71 against 19.16 at 32K x 2)."""
     mode = env_setting("LINSCALE_DELTA_LOCAL_DD", "auto", ("auto", "on", "off"))
     if mode == "auto":
         return K <= 128 and store == torch.bfloat16
