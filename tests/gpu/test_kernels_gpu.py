@@ -24,7 +24,7 @@ D = 128
 SHAPES = [(2, 8192, 4, None), (1, 131072, 2, None), (1, 32768, 4, 5)]
 
 
-def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D, gate_mult=1.0 / 16):
+def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D, gate_mult=1.0 / 16, g_mult=1.0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def rn(*s):
@@ -32,7 +32,7 @@ def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D, gate_mult=1.0 / 16)
 
     x = {"q": rn(B, T, H, K), "k": rn(B, T, H, K), "v": rn(B, T, H, V)}
     if variant in ("scalar", "gated_delta"):
-        x["g"] = F.logsigmoid(rn(B, T, H) + 1)
+        x["g"] = F.logsigmoid(rn(B, T, H) + 1) * g_mult
     if variant == "gla":
         x["gk"] = F.logsigmoid(rn(B, T, H, K)) * gate_mult
     if variant == "gated_delta":
@@ -79,9 +79,11 @@ def _run(backend, variant, x, cu, wo, wh):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
 @pytest.mark.parametrize("variant", ["linear", "scalar", "gla", "gated_delta"])
-def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0 / 16):
+def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0 / 16, g_mult=1.0):
     B, T, H, n_docs = shape
-    x, cu = _inputs(variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V, gate_mult=gate_mult)
+    x, cu = _inputs(
+        variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V, gate_mult=gate_mult, g_mult=g_mult
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
     wo = torch.randn(B, T, H, V, device="cuda", generator=gen)
     wh = torch.randn(x["initial_state"].shape, device="cuda", generator=gen)
@@ -108,6 +110,37 @@ def test_gla_strong_gates(gate_mult):
     paths alike: the ``q dq - k dk`` gate gradient at strong decay, not the factoring.)
     """
     test_kernel_vs_fp32_reference("gla", (1, 8192, 2, 3), torch.float32, gate_mult=gate_mult)
+
+
+_SCALAR_STRONG = pytest.mark.xfail(
+    strict=True,
+    reason="scalar decay's gate gradient at about -4 per token: dg 6.6e-3 (fp32) and 1.2e-2 "
+    "(bf16) relative error on the H100, over the 5e-3 / 1e-2 limits (q.dq - k.dk formed "
+    "through rounded products; 2026-11-27)",
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "dtype", "env"),
+    [
+        pytest.param("scalar", torch.float32, {}, marks=_SCALAR_STRONG),
+        pytest.param("scalar", torch.bfloat16, {}, marks=_SCALAR_STRONG),
+        ("gated_delta", torch.float32, {}),
+        ("gated_delta", torch.float32, {"LINSCALE_DELTA_LOCAL_DD": "on"}),
+        ("gated_delta", torch.bfloat16, {}),
+    ],
+    ids=["scalar-fp32", "scalar-bf16", "gd-fp32", "gd-fp32-localdd", "gd-bf16"],
+)
+def test_strong_scalar_gates_ragged(variant, dtype, env, monkeypatch):
+    """Scalar gates 8x the default (about -4 per token), 8100 tokens in three documents: ragged
+    chunks whose in-chunk decay runs far past exp's fp32 range (a masked row's
+    ``exp(b_i - b_j)`` overflowed into inf * 0 = NaN in the gated delta rule's reverse scan
+    before the ninth session's fix; found by the interpreter case ``gd_strongg_ragged``). The
+    gated delta rule passes in fp32 and bf16; scalar decay has no NaN but misses the limits on
+    dg (expected failures, strict: a fix makes them pass and the marks must go)."""
+    for name, val in env.items():
+        monkeypatch.setenv(name, val)
+    test_kernel_vs_fp32_reference(variant, (1, 8100, 2, 3), dtype, g_mult=8.0)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,8 @@ CASES = {
         ("scalar_k96_multichunk_varlen", "scalar", 1, 330, 1, 96, 16, [0, 270, 330], 128, True),
         ("scalar_empty_doc", "scalar", 1, 140, 1, 16, 16, [0, 64, 64, 140], 64, True),
         ("scalar_no_state_groups", "scalar", 1, 200, 1, 16, 16, None, 64, False),
+        # gates x 30 (about -4 per token; "_strongg", as in the delta family) in ragged chunks
+        ("scalar_strongg_ragged_docs", "scalar", 1, 250, 2, 16, 24, [0, 100, 250], 64, True),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
@@ -84,6 +86,21 @@ CASES = {
         ("gd_batch_seg3_no_state_weakg", "gated_delta", 2, 300, 2, 24, 16, None, None, False),
         ("delta_no_gate_seg2_k40_v72", "delta", 1, 260, 1, 40, 72, None, None, True),
         ("gd_v80_docs_prepdd", "gated_delta", 1, 150, 1, 16, 80, [0, 10, 10, 30, 150], None, True),
+        # "_strongg": gates x 30 (about -4 per token): in-chunk decays far past exp's range,
+        # in a ragged last chunk (masked rows must not turn inf * 0 into NaN)
+        ("gd_strongg_ragged", "gated_delta", 1, 230, 2, 16, 24, None, None, True),
+        (
+            "gd_strongg_docs_seg1_prepdd",
+            "gated_delta",
+            1,
+            250,
+            1,
+            16,
+            16,
+            [0, 100, 250],
+            None,
+            True,
+        ),
         ("gd_seg2_weakg_prepdd_recw", "gated_delta", 1, 400, 1, 32, 32, None, None, True),
     ],
 }
@@ -112,6 +129,8 @@ def main(family: str) -> None:
         )
         if "_weakg" in cid:
             x["g"] = x["g"] * 0.05
+        if "_strongg" in cid:
+            x["g"] = x["g"] * 30
         try:
             out[cid] = check_against_naive(
                 mod, variant, x, cu, tol=float("inf"), with_state=with_state

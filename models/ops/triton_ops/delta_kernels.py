@@ -82,7 +82,7 @@ def delta_scan_fwd_kernel(
     Stores the state at every chunk start ``hc`` ``[NCh, H, K, V]`` and ``delta`` ``[TT, H, V]``
     (if STORE_CHUNKS) and, if asked, the final state ``ht`` ``[N, H, K, V]``. A "sequence" is
     any run of chunks ``seq_g0[n] <= c < seq_g0[n + 1]`` (a segment of one, see
-    :func:`delta_seg_combine_kernel`). TRANSITION: the product of the runs's chunk transitions
+    :func:`delta_seg_combine_kernel`). TRANSITION: the product of the run's chunk transitions
     ``M = exp(b_C) I - (k exp(b_C - b))^T w`` instead, i.e. the same scan started from the
     identity with u = 0 (V must then be K; u, hc, delta are not touched), stored as ``ht``.
     """
@@ -192,8 +192,11 @@ def delta_scan_bwd_kernel(
         dop, _ = _tile(do_ptr, rows, mi, V, offs_v)
         do = tl.load(dop, mask=dm, other=0.0).to(sd)
         if LOCAL_DD:
+            # rows past the chunk's end are masked here, not only zero in q: their b loads as
+            # 0, so exp(b_i - b_j) overflows there under strong gates, and inf * 0 is NaN
             r = tl.arange(0, C)
-            dmat = tl.where(r[:, None] >= r[None, :], bb[:, None] - bb[None, :], float("-inf"))
+            keep = (r[:, None] >= r[None, :]) & mi[:, None]
+            dmat = tl.where(keep, bb[:, None] - bb[None, :], float("-inf"))
             pt = tl.trans(tl.dot(qraw, tl.trans(kraw)) * tl.exp(dmat) * scale)
             dd = tl.dot(pt.to(sd), do)
         else:
