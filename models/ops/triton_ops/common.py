@@ -9,7 +9,7 @@ import triton
 
 from models.env_settings import env_setting
 
-__all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_setting"]
+__all__ = ["Groups", "make_groups", "check_inputs", "num_sms", "env_setting", "tile_width"]
 
 
 def _target_programs() -> int:
@@ -17,6 +17,12 @@ def _target_programs() -> int:
     (env ``LINSCALE_KERNEL_TARGET_PROGRAMS``; ``LINSCALE_KERNEL_GROUP_TOKENS`` fixes the group
     size instead)."""
     return env_setting("LINSCALE_KERNEL_TARGET_PROGRAMS", 1024, minimum=1)
+
+
+def tile_width(x: int) -> int:
+    """The tile width that covers ``x`` whole: the next power of two, at least 16 (the
+    smallest dimension of a tensor-core product)."""
+    return max(16, triton.next_power_of_2(x))
 
 
 def num_sms(device: torch.device) -> int:

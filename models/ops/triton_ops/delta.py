@@ -65,16 +65,12 @@ import triton
 
 from models.ops.triton_ops import delta_chunk_kernels as ck
 from models.ops.triton_ops import delta_wy_kernels as wk
-from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
+from models.ops.triton_ops.common import check_inputs, env_setting, make_groups, tile_width
 from models.ops.triton_ops.delta_scan import plan_scan, scan_backward, scan_forward
 
 __all__ = ["chunk_gated_delta_rule"]
 
 _C = 64  # chunk length (the in-kernel solve assumes 64)
-
-
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 _PRECS = ("tf32x3", "tf32", "ieee")
@@ -157,7 +153,7 @@ class _GatedDelta(torch.autograd.Function):
         gf = g.contiguous().view(TT, H) if g is not None else beta
         f32 = dict(device=dev, dtype=torch.float32)
         sd = dict(device=dev, dtype=_store_dtype(q))
-        bk, bv = min(64, _p2(K)), min(64, _p2(V))
+        bk, bv = min(64, tile_width(K)), min(64, tile_width(V))
         b = torch.empty(TT, H, **f32)
         # A in the inputs' dtype when every product that reads it rounds it to that dtype anyway
         prec = _prec(q)
@@ -184,7 +180,7 @@ class _GatedDelta(torch.autograd.Function):
         if not keep_w:
             del w
         o = torch.empty(TT, H, V, device=dev, dtype=v.dtype)
-        bvo = min(env_setting("LINSCALE_DELTA_OUT_BV", 64, (32, 64, 128)), _p2(V))
+        bvo = min(env_setting("LINSCALE_DELTA_OUT_BV", 64, (32, 64, 128)), tile_width(V))
         ck.delta_out_kernel[(triton.cdiv(V, bvo), nch, H)](
             q, k, b, hc, dlt, o, grp.bos, grp.eos, scale,
             H=H, K=K, V=V, C=_C, BK=bk, BV=bvo, num_warps=_warps("OUT", 4), num_stages=1,
@@ -202,8 +198,10 @@ class _GatedDelta(torch.autograd.Function):
         nch, N = grp.n_groups, grp.n_seq
         f32 = dict(device=dev, dtype=torch.float32)
         sd = dict(device=dev, dtype=hc.dtype)
-        bk, bv = min(64, _p2(K)), min(64, _p2(V))
-        bkd = min(env_setting("LINSCALE_DELTA_DQKW_BK", 64, (32, 64, 128)), _p2(K))  # dqkw K tile
+        bk, bv = min(64, tile_width(K)), min(64, tile_width(V))
+        bkd = min(
+            env_setting("LINSCALE_DELTA_DQKW_BK", 64, (32, 64, 128)), tile_width(K)
+        )  # dqkw K tile
         nkp = triton.cdiv(K, bkd)  # K tiles of the dqkw kernel: columns of the gate-gradient part
         gf = g.contiguous().view(TT, H) if g is not None else beta
         do = do.contiguous().view(TT, H, V)

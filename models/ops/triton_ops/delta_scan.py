@@ -29,15 +29,11 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from models.ops.triton_ops import delta_kernels as sk
-from models.ops.triton_ops.common import Groups, env_setting, make_groups, num_sms
+from models.ops.triton_ops.common import Groups, env_setting, make_groups, num_sms, tile_width
 
 __all__ = ["ScanPlan", "plan_scan", "scan_forward", "scan_backward", "segment_chunks"]
 
 _COMBINE_BV = 32
-
-
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def scan_bv(n_seq: int, H: int, V: int, device: torch.device, *, fwd: bool = False) -> int:
@@ -139,7 +135,7 @@ def _combine(plan, p_seg, local, start, entry, final, *, store_final, reverse):
     n_seq = plan.segs.seq_g0.numel() - 1
     sk.delta_seg_combine_kernel[(triton.cdiv(V, _COMBINE_BV), n_seq, H)](
         p_seg, local, start if start is not None else entry, entry, final, plan.segs.seq_g0,
-        H=H, K=K, V=V, BK=_p2(K), BV=_COMBINE_BV, HAS_H0=start is not None,
+        H=H, K=K, V=V, BK=tile_width(K), BV=_COMBINE_BV, HAS_H0=start is not None,
         STORE_FINAL=store_final, REVERSE=reverse, PREC=_prec(local.device), num_warps=8,
         num_stages=1,
     )  # fmt: skip
@@ -150,7 +146,7 @@ def scan_forward(plan, grp, k, w, u, b, h0, hc, dlt, ht, *, H, K, V, C, store_fi
     the WY pseudo-values; returns the segments' transition products ``[NS, H, K, K]`` (fp32)
     for the backward, or None when whole sequences ran."""
     dev = k.device
-    bk = _p2(K)
+    bk = tile_width(K)
     if plan.segs is None:
         bv = scan_bv(plan.n_runs, H, V, dev, fwd=True)
         launch_scan(
@@ -196,7 +192,7 @@ def scan_backward(
     ``dhc`` and ``dh0`` ``[N, H, K, V]`` (fp32); ``dht`` the final state's adjoint or None;
     ``p_seg`` what :func:`scan_forward` returned."""
     dev = k.device
-    bk = _p2(K)
+    bk = tile_width(K)
     if plan.segs is None:
         bv = scan_bv(plan.n_runs, H, V, dev)
         launch_scan(

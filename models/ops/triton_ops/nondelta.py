@@ -18,21 +18,17 @@ import torch
 import triton
 
 from models.ops.triton_ops import nondelta_kernels as kern
-from models.ops.triton_ops.common import check_inputs, env_setting, make_groups
+from models.ops.triton_ops.common import check_inputs, env_setting, make_groups, tile_width
 from models.ops.triton_ops.gla_intra import gla_cumulative_gate, gla_intra_grads, gla_scores
 
 __all__ = ["nondelta_attn"]
-
-
-def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 _BT = 64
 
 
 def _config(K: int, V: int):
-    bk_full, bv_full = _p2(K), _p2(V)
+    bk_full, bv_full = tile_width(K), tile_width(V)
     bv = min(64, bv_full)  # state tile columns in the output / dv kernels
     bk = min(64, bk_full)  # state tile rows in the dq / dk kernels
     return bk_full, bv_full, bk, bv
