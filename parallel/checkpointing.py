@@ -9,7 +9,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-__all__ = ["apply_activation_checkpointing"]
+__all__ = ["apply_activation_checkpointing", "is_checkpointed"]
+
+
+def is_checkpointed(index: int, mode: str, every: int) -> bool:
+    """Whether block ``index`` (its global index in the unsplit model) is checkpointed under
+    ``mode`` and ``every`` (see :func:`apply_activation_checkpointing`)."""
+    return mode == "full" or (mode == "partial" and index % every == every - 1)
 
 
 def apply_activation_checkpointing(model: nn.Module, *, mode: str = "full", every: int = 2) -> int:
@@ -31,7 +37,7 @@ def apply_activation_checkpointing(model: nn.Module, *, mode: str = "full", ever
         raise ValueError(f"parallel.checkpoint_every must be >= 1, got {every}")
     n = 0
     for name, block in list(model.layers.items()):
-        if mode == "partial" and int(name) % every != every - 1:
+        if not is_checkpointed(int(name), mode, every):
             continue
         model.layers[name] = checkpoint_wrapper(
             block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from models.llama import LinearLlama, ModelArgs
+from parallel.checkpointing import is_checkpointed
 from parallel.pipeline_balance import balanced_split
 
 __all__ = [
@@ -145,13 +146,11 @@ def split_layers(
 
 
 def recomputed_blocks(n_layers: int, mode: str, every: int) -> list[bool] | None:
-    """Which blocks activation checkpointing recomputes, as
-    :func:`parallel.checkpointing.apply_activation_checkpointing` picks them (None: none)."""
-    if mode == "full":
-        return [True] * n_layers
-    if mode == "partial":
-        return [i % every == every - 1 for i in range(n_layers)]
-    return None
+    """Which blocks activation checkpointing recomputes (None: none), by the wrapper's own rule
+    (:func:`parallel.checkpointing.is_checkpointed`)."""
+    if mode not in ("full", "partial"):
+        return None
+    return [is_checkpointed(i, mode, every) for i in range(n_layers)]
 
 
 def stage_ids_on_rank(pp_rank: int, pp: int, stages_per_rank: int, style: str) -> list[int]:
