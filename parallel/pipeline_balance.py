@@ -20,6 +20,19 @@ __all__ = [
 _REL = 1e-9  # relative tolerance: the same costs summed in another order must tie
 
 
+def _prefix(costs: list[float]) -> list[float]:
+    out = [0.0]
+    for c in costs:
+        out.append(out[-1] + c)
+    return out
+
+
+def _group_cost(prefix: list[float], first: float, last: float, n: int, s: int, a: int, b: int):
+    """Cost of group ``s`` of ``n`` holding items ``a..b-1``: the end groups carry ``first`` /
+    ``last`` as well."""
+    return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+
+
 def _search(
     costs: list[float],
     first: float,
@@ -38,9 +51,7 @@ def _search(
     so ties go to the first split found (largest early groups first). Returns
     ``(value, sizes)``, sizes None when nothing fits the caps."""
     n, m = len(ranks), len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
+    prefix = _prefix(costs)
     min_size = [1] * n
     if n > 1:
         min_size[0] = min_size[-1] = 0
@@ -66,7 +77,7 @@ def _search(
         # Largest groups first: filling each group up to what the bounds allow finds a good
         # split at once, and the later, smaller candidates are mostly pruned.
         for b in range(hi, lo - 1, -1):
-            c = prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+            c = _group_cost(prefix, first, last, n, s, a, b)
             if rank_cost[r] + c > r_cap * (1 + _REL) or c > s_cap * (1 + _REL):
                 continue
             if minimise == "rank":
@@ -105,12 +116,10 @@ def _search(
 def min_max_split(costs: list[float], first: float, last: float, n: int) -> list[int]:
     """Sizes of ``n`` contiguous groups (>= 1 item each) of ``costs``: min max, then min sumsq."""
     m = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
+    prefix = _prefix(costs)
 
     def cost(s: int, a: int, b: int) -> float:  # stage s holds items a..b-1
-        return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+        return _group_cost(prefix, first, last, n, s, a, b)
 
     inf = float("inf")
     # best_max[s][b]: the smallest possible max cost of stages 0..s covering items 0..b-1.
@@ -148,9 +157,10 @@ def evaluate_split(
 ) -> tuple[float, float, float]:
     """``(busiest rank, busiest group, sum of squared group costs)`` of a split."""
     rank_cost = [0.0] * (max(ranks) + 1)
+    prefix = _prefix(costs)
     stage_cost, a, n = [], 0, len(sizes)
     for s, size in enumerate(sizes):
-        c = sum(costs[a : a + size]) + (first if s == 0 else 0.0) + (last if s == n - 1 else 0.0)
+        c = _group_cost(prefix, first, last, n, s, a, a + size)
         rank_cost[ranks[s]] += c
         stage_cost.append(c)
         a += size
