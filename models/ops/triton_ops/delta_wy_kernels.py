@@ -65,6 +65,21 @@ def _uw_dot(a, x, UW_PREC: tl.constexpr, lp: tl.constexpr):
 
 
 @triton.jit
+def _store_a_times(
+    a, x_ptr, out_ptr, row_scale, rows, mi, D: tl.constexpr, BD: tl.constexpr,
+    UW_PREC: tl.constexpr, lp: tl.constexpr,
+):  # fmt: skip
+    """``out = A (row_scale * x)`` for a ``[TT, H, D]`` input, in tiles of BD columns (w from
+    k with ``beta gam``, u from v with ``beta``); products as :func:`_uw_dot`."""
+    for d0 in tl.static_range(0, D, BD):
+        xp, xm = _tile(x_ptr, rows, mi, D, d0 + tl.arange(0, BD))
+        xt = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+        op, _ = _tile(out_ptr, rows, mi, D, d0 + tl.arange(0, BD))
+        ot = _uw_dot(a, xt * row_scale[:, None], UW_PREC, lp)
+        tl.store(op, ot.to(out_ptr.dtype.element_ty), mask=xm)
+
+
+@triton.jit
 def _gates(g_ptr, beta_ptr, rows, mi, HAS_G: tl.constexpr, C: tl.constexpr):
     """In-chunk cumulative log gate b, beta and the decay matrix D ``[C, C]`` (0 above)."""
     if HAS_G:
@@ -134,21 +149,11 @@ def delta_wy_fwd_kernel(
         tl.store(b_ptr + rows, bb, mask=mi)
     elif STORE_W or STORE_U:
         a = tl.load(ap, mask=am, other=0.0)
+    lp = k_ptr.dtype.element_ty
     if STORE_W:
-        bg = beta * tl.exp(bb)
-        for k0 in tl.static_range(0, K, BK):
-            kp, km = _tile(k_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-            kt = tl.load(kp, mask=km, other=0.0).to(tl.float32)
-            wp, _ = _tile(w_ptr, rows, mi, K, k0 + tl.arange(0, BK))
-            wt = _uw_dot(a, kt * bg[:, None], UW_PREC, k_ptr.dtype.element_ty)
-            tl.store(wp, wt.to(w_ptr.dtype.element_ty), mask=km)
+        _store_a_times(a, k_ptr, w_ptr, beta * tl.exp(bb), rows, mi, K, BK, UW_PREC, lp)
     if STORE_U:
-        for v0 in tl.static_range(0, V, BV):
-            vp, vm = _tile(v_ptr, rows, mi, V, v0 + tl.arange(0, BV))
-            vt = tl.load(vp, mask=vm, other=0.0).to(tl.float32)
-            up, _ = _tile(u_ptr, rows, mi, V, v0 + tl.arange(0, BV))
-            ut = _uw_dot(a, vt * beta[:, None], UW_PREC, k_ptr.dtype.element_ty)
-            tl.store(up, ut.to(u_ptr.dtype.element_ty), mask=vm)
+        _store_a_times(a, v_ptr, u_ptr, beta, rows, mi, V, BV, UW_PREC, lp)
     if BWD_PREP:
         qk = tl.zeros([C, C], tl.float32)
         for k0 in tl.static_range(0, K, BK):
