@@ -3,7 +3,8 @@
 :func:`build_pipeline` cuts a LinearLlama into ``pp * parallel.pp_stages_per_rank`` stages
 (:mod:`parallel.pipeline_split`), keeps this rank's stages, applies sequence parallelism,
 activation checkpointing and FSDP to each (:func:`parallel.parallelize.parallelize_model`), and
-wraps them in ``PipelineStage`` objects run by the schedule that ``parallel.pp_schedule`` names
+wraps them in ``PipelineStage`` objects (receive buffers held only while in use,
+:mod:`parallel.pipeline_recv`) run by the schedule that ``parallel.pp_schedule`` names
 (GPipe, 1F1B, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble; placement "loop" for all
 but ZBV, which uses "v").
 
@@ -46,6 +47,7 @@ from models.llama import LinearLlama
 from parallel.data_parallel import exclude_from_grad_norm
 from parallel.deferred_wgrad import WeightGradStore, defer_linear_weight_grads
 from parallel.parallelize import parallelize_model
+from parallel.pipeline_recv import OnDemandRecvStage, recv_buffers_on_demand
 from parallel.pipeline_split import (
     StepContext,
     build_stage_module,
@@ -80,7 +82,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class _LastStage(PipelineStage):
+class _LastStage(OnDemandRecvStage):
     """The last stage: tells its module which microbatch's labels the forward is for."""
 
     ctx: StepContext
@@ -329,14 +331,16 @@ def build_pipeline(
 
     pp_group = dims.group("pp")
     stages, stores = [], []
+    on_demand = recv_buffers_on_demand()
     for part, s in zip(parts, stage_ids):
-        stage_cls = _LastStage if s == num_stages - 1 else PipelineStage
+        stage_cls = _LastStage if s == num_stages - 1 else OnDemandRecvStage
         kw = {}
         if zb_mode == "deferred":
             store = defer_linear_weight_grads(part, max_waiting=p.pp_zb_max_pending_w)
             stores.append(store)
             kw["dw_builder"] = store.builder
         stage = stage_cls(part, s, num_stages, device, group=pp_group, **kw)
+        stage._on_demand = on_demand  # receive buffers per use (parallel/pipeline_recv.py)
         if zb_mode == "deferred":
             stores[-1].arm(stage)
         stage.ctx = ctx
