@@ -115,17 +115,50 @@ def overrides(c: dict, args, run_dir: str) -> list[str]:
 
 
 class StageTimer:
-    """Sums the time of a rank's stage compute actions (CUDA events, or wall time on CPU)."""
+    """Sums the time of a rank's stage compute actions (CUDA events, or wall time on CPU).
+
+    With ``mem_trace`` (CUDA) it also lists, per action, GB allocated:
+    ``(stage, action, microbatch, peak since the previous action, before, peak during, after)``
+    (the allocator's peak is reset around each action; :attr:`peak` keeps the overall one).
+    """
 
     ACTIONS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+    SHORT = {"forward_one_chunk": "F", "backward_one_chunk": "B", "backward_weight_one_chunk": "W"}
 
-    def __init__(self, stages, device: torch.device) -> None:
+    def __init__(self, stages, device: torch.device, mem_trace: bool = False) -> None:
         self.cuda = device.type == "cuda"
+        self.mem_trace = mem_trace and self.cuda
         self.spans: list = []
+        self.trace: list = []
+        self.peak = 0
         for stage in stages:
             for name in self.ACTIONS:
                 if hasattr(stage, name):
-                    setattr(stage, name, self._wrap(getattr(stage, name)))
+                    fn = self._wrap(getattr(stage, name))
+                    if self.mem_trace:
+                        fn = self._traced(fn, stage.stage_index, self.SHORT[name])
+                    setattr(stage, name, fn)
+
+    def _traced(self, fn, stage_index: int, action: str):
+        def traced(*a, **kw):
+            mb = a[0] if a else next(iter(kw.values()), None)
+            gap = self._peak_since_reset()  # since the previous action (optimizer step etc.)
+            before = torch.cuda.memory_allocated()
+            out = fn(*a, **kw)
+            peak = self._peak_since_reset()
+            after = torch.cuda.memory_allocated()
+            gb = [round(x / 1e9, 2) for x in (gap, before, peak, after)]
+            self.trace.append((stage_index, action, mb, *gb))
+            return out
+
+        return traced
+
+    def _peak_since_reset(self) -> int:
+        """The allocator's peak since the last call (the benchmark's peak keeps the max)."""
+        peak = torch.cuda.max_memory_allocated()
+        self.peak = max(self.peak, peak)
+        torch.cuda.reset_peak_memory_stats()
+        return peak
 
     def _wrap(self, fn):
         def timed(*a, **kw):
@@ -148,6 +181,9 @@ class StageTimer:
 
     def take(self) -> float:
         """Busy seconds since the last call (after the step's device sync)."""
+        if self.mem_trace:  # the rest of the step: gradient sync, clipping, optimizer
+            gap, now = self._peak_since_reset(), torch.cuda.memory_allocated()
+            self.trace.append((None, "end", None, round(gap / 1e9, 2), round(now / 1e9, 2)))
         if self.cuda:
             busy = sum(s.elapsed_time(e) for s, e in self.spans) / 1e3
         else:
@@ -172,7 +208,11 @@ def run_config(c: dict, args, run_dir: str) -> dict:
     cfg = load_config(None, overrides(c, args, run_dir))
     trainer = Trainer(cfg)
     device = trainer.device
-    timer = StageTimer(trainer.pipeline.stages, device) if trainer.pipeline else None
+    timer = (
+        StageTimer(trainer.pipeline.stages, device, mem_trace=args.mem_trace)
+        if trainer.pipeline
+        else None
+    )
     first = None
     for _ in range(args.warmup):
         r = trainer.train_step()
@@ -181,8 +221,11 @@ def run_config(c: dict, args, run_dir: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     if timer:
         timer.take()
+        timer.peak = 0
     steps, busy = [], []
     for _ in range(args.steps):
+        if timer:
+            timer.trace.clear()  # the last timed step's
         r = trainer.train_step()  # ends with a device sync
         steps.append(r.seconds)
         busy.append(timer.take() if timer else r.seconds)
@@ -196,9 +239,12 @@ def run_config(c: dict, args, run_dir: str) -> dict:
         "first_grad_norm": first.grad_norm if first else None,
         "num_params": trainer.num_params,
         "peak_mem_gb": (
-            torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+            max(torch.cuda.max_memory_allocated(device), timer.peak if timer else 0) / 1e9
+            if device.type == "cuda"
+            else None
         ),
         "split": trainer.pipeline.layer_split if trainer.pipeline else None,
+        "mem_trace": timer.trace if timer and timer.mem_trace else None,
     }
     del trainer, timer
     gc.collect()
@@ -236,6 +282,8 @@ def summarise(c: dict, rows: list[dict], world: int, peak: float | None) -> dict
             "peak_mem_per_rank_gb": [r["peak_mem_gb"] for r in rows],
         }
     )
+    if any(r.get("mem_trace") for r in rows):
+        out["mem_trace_per_rank"] = [r.get("mem_trace") for r in rows]
     return out
 
 
@@ -359,6 +407,11 @@ def parse_args(argv: list[str]):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (plumbing check only)")
+    ap.add_argument(
+        "--mem-trace",
+        action="store_true",
+        help="record each stage action's allocated / peak GB in the last step (CUDA)",
+    )
     ap.add_argument("--set", action="append", default=[], help="extra config override a.b=v")
     ap.add_argument("--table", default=None, help="print the README table of a JSON and exit")
     ap.add_argument(
