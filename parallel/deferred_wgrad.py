@@ -143,7 +143,9 @@ class _DeferredLinear(torch.autograd.Function):
         weight = ctx.weight
         dx = dy.matmul(weight.to(dy.dtype)).to(ctx.x_dtype)
         if ctx.store.armed:
-            ctx.store.pending.append((xc, dy, weight))
+            # Detached: an unpacked saved input carries its producer's grad_fn, and through it
+            # the graph down to the stage input (a received activation) would wait for W too.
+            ctx.store.pending.append((xc.detach(), dy, weight))
             return dx, None, None
         return dx, _weight_grad(xc, dy, weight), None
 

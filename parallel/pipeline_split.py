@@ -234,7 +234,12 @@ class PipelineStageModel(LinearLlama):
             if not self.computes_loss:
                 return h
             labels = ctx.labels[ctx.microbatch]
-            return (self.loss(h, labels) / ctx.global_tokens).reshape(1)
+            loss = (self.loss(h, labels) / ctx.global_tokens).reshape(1)
+            # A copy, not a view: torch detaches the last stage's output in place once its
+            # backward is done, which it cannot do to a view; the schedule keeps the outputs
+            # to the step's end, and a view's graph would hold this microbatch's received
+            # activation (and its gradient) that long.
+            return loss.clone()
 
 
 def build_stage_module(
