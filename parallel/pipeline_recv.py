@@ -6,10 +6,9 @@ non-first stage receives) and per microbatch and output (``grad_recv_info[mb][i]
 gradient a non-last stage receives), and keeps all of them for the stage's lifetime; the
 received activations also keep their input gradient (``.grad``, set by the backward) until the
 next step starts. At 32K tokens of a 2048-wide model each is 134 MB in bf16 and 268 MB in
-fp32, and ``m`` microbatches
-make ``m`` of each per receiving stage, while a schedule has only its in-flight microbatches'
-worth of them in use (1F1B's last stage: one). The V placement, with two stages per rank,
-receives twice as often and pays twice.
+fp32, and ``m`` microbatches make ``m`` of each per receiving stage, while a schedule has only
+its in-flight microbatches' worth of them in use (1F1B's last stage: one). The V placement,
+with two stages per rank, receives twice as often and pays twice.
 
 :class:`OnDemandRecvStage` allocates a buffer when the schedule posts the receive into it and
 drops its reference when the forward (activations) or the backward (gradients) of that
