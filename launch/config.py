@@ -86,6 +86,11 @@ class ParallelConfig:
     """Microbatches per step (default: the number of pipeline stages)."""
     pp_stages_per_rank: int = 1
     """Virtual stages per rank (2 for the interleaved and V schedules)."""
+    pp_stage_layers: list[int] | None = None
+    """Layers of each pipeline stage in stage order (``pp * pp_stages_per_rank`` entries summing
+    to ``model.n_layers``; the first and last stage may be empty, the others hold at least one
+    layer), e.g. ``[2, 2, 2, 2, 2, 3, 3, 0]``. Null: split by cost so that each rank's work
+    balances (parallel/pipeline_split.py)."""
     pp_zb_max_pending_w: int | None = None
     """Zero-bubble schedules with the deferred weight pass (no checkpointing, no FSDP): at
     most this many microbatches' weight gradients wait for their W slot per stage, each holding
@@ -247,6 +252,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -263,6 +270,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -411,6 +423,7 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             f"parallel.pp_stages_per_rank = {p.pp * p.pp_stages_per_rank} (one layer per stage)"
         )
     _validate_pipeline(p)
+    _validate_stage_layers(p, args.n_layers)
     if t.compile and p.pp > 1 and p.pp_schedule in ("InterleavedZeroBubble", "ZBVZeroBubble"):
         raise ConfigError(
             f"training.compile cannot run with parallel.pp_schedule {p.pp_schedule}: a compiled "
@@ -453,6 +466,28 @@ _PP_1F1B_LIKE = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBub
 def pipeline_microbatches(p: ParallelConfig) -> int:
     """Microbatches per pipeline step: ``parallel.pp_microbatches`` or the number of stages."""
     return p.pp_microbatches or p.pp * p.pp_stages_per_rank
+
+
+def _validate_stage_layers(p: ParallelConfig, n_layers: int) -> None:
+    """An explicit ``parallel.pp_stage_layers``: one entry per stage, the layers all placed."""
+    sizes = p.pp_stage_layers
+    if sizes is None:
+        return
+    stages = p.pp * p.pp_stages_per_rank
+    if len(sizes) != stages:
+        raise ConfigError(
+            f"parallel.pp_stage_layers has {len(sizes)} entries; it needs one per pipeline "
+            f"stage, parallel.pp * parallel.pp_stages_per_rank = {stages}"
+        )
+    if sum(sizes) != n_layers or any(n < 0 for n in sizes):
+        raise ConfigError(
+            f"parallel.pp_stage_layers {sizes} must be >= 0 and sum to model.n_layers "
+            f"({n_layers}), got sum {sum(sizes)}"
+        )
+    if stages > 1 and any(n < 1 for n in sizes[1:-1]):
+        raise ConfigError(
+            f"parallel.pp_stage_layers {sizes}: only the first and the last stage may be empty"
+        )
 
 
 def _validate_pipeline(p: ParallelConfig) -> None:

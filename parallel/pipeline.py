@@ -243,6 +243,7 @@ def build_pipeline(
         recomputed=recomputed_blocks(
             model.args.n_layers, p.activation_checkpointing, p.checkpoint_every
         ),
+        sizes=p.pp_stage_layers,
     )
     pp_rank = dims.local_rank_in("pp")
     stage_ids = stage_ids_on_rank(pp_rank, dims.pp, per_rank, style)

@@ -112,12 +112,14 @@ def split_layers(
     pp: int | None = None,
     style: str = "loop",
     recomputed: Sequence[bool] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> list[list[str]]:
     """Layer names (``"0"``.. as in ``model.layers``) of each of ``num_stages`` stages, by cost.
 
     ``pp`` ranks hold the stages (None: one stage per rank) in the placement ``style``; the
     split balances the ranks' summed cost (module docstring). ``recomputed`` marks the
-    checkpointed blocks (:func:`block_costs`).
+    checkpointed blocks (:func:`block_costs`). ``sizes`` (``parallel.pp_stage_layers``) gives
+    the layers per stage instead of the search.
 
     Raises ValueError when there are fewer layers than stages or the stages do not divide
     evenly over the ranks.
@@ -132,12 +134,19 @@ def split_layers(
     pp = num_stages if pp is None else pp
     if pp < 1 or num_stages % pp:
         raise ValueError(f"{num_stages} stages do not divide over {pp} pipeline ranks")
-    per_rank = num_stages // pp
-    ranks = [stage_to_rank(s, pp, per_rank, style) for s in range(num_stages)]
-    costs, embedding, head = block_costs(
-        args, seq_len, embedding_blocks=embedding_blocks, recomputed=recomputed
-    )
-    sizes = balanced_split(costs, embedding, head, ranks)
+    if sizes is not None:
+        if len(sizes) != num_stages or sum(sizes) != args.n_layers or min(sizes) < 0:
+            raise ValueError(
+                f"stage sizes {list(sizes)} must be {num_stages} counts >= 0 summing to "
+                f"model.n_layers ({args.n_layers})"
+            )
+    else:
+        per_rank = num_stages // pp
+        ranks = [stage_to_rank(s, pp, per_rank, style) for s in range(num_stages)]
+        costs, embedding, head = block_costs(
+            args, seq_len, embedding_blocks=embedding_blocks, recomputed=recomputed
+        )
+        sizes = balanced_split(costs, embedding, head, ranks)
     names, start = [], 0
     for size in sizes:
         names.append([str(i) for i in range(start, start + size)])

@@ -99,6 +99,18 @@ CASES = {  # id: (parallel overrides, model overrides)
         ],
         ["model.vocab_size=4096"],
     ),
+    # An explicit split (parallel.pp_stage_layers), the last stage empty.
+    "pp2xdp2-ZBVZeroBubble-manual-split": (
+        [
+            *PP2,
+            "parallel.dp=2",
+            "parallel.pp_schedule=ZBVZeroBubble",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.pp_microbatches=4",
+            "parallel.pp_stage_layers=[1,1,2,0]",
+        ],
+        [],
+    ),
     "pp2xdp2-InterleavedZeroBubble": (
         [
             *PP2,
@@ -115,6 +127,7 @@ SPLITS = {  # cost-balanced splits the cases must produce (layer names per stage
     # Rank 0 holds the embedding, and a head of ~4 blocks: both its stages get no layer.
     "pp2xdp2-ZBVZeroBubble-empty-ends": [[], ["0", "1"], ["2", "3"], []],
     "pp2xdp2-1F1B-accum2": [["0", "1"], ["2", "3"]],
+    "pp2xdp2-ZBVZeroBubble-manual-split": [["0"], ["1"], ["2", "3"], []],
 }
 
 

@@ -174,7 +174,26 @@ BAD = [
         ],
         "multiple of parallel.pp",
     ),
+    (["parallel.pp=2", "parallel.pp_stage_layers=[4]"], "one per pipeline stage"),
+    (["parallel.pp=2", "parallel.pp_stage_layers=[1,2]"], "sum to model.n_layers"),
+    (["parallel.pp=2", "parallel.pp_stage_layers=[5,-1]"], "must be >= 0"),
+    (["parallel.pp=3", "parallel.pp_stage_layers=[2,0,2]"], "only the first and the last"),
+    (["parallel.pp=2", "parallel.pp_stage_layers=two"], "parallel.pp_stage_layers: expected"),
+    (["parallel.pp=2", "parallel.pp_stage_layers=[1,x]"], "expected a list of int"),
 ]
+
+
+def test_explicit_stage_layers():
+    """parallel.pp_stage_layers replaces the search, empty end stages included; the config
+    reads it from YAML and from a --set override."""
+    args = get_preset("linear-llama3-1b")
+    split = split_layers(args, 8, seq_len=32768, pp=4, style="v", sizes=[2, 2, 2, 2, 2, 3, 3, 0])
+    assert [len(names) for names in split] == [2, 2, 2, 2, 2, 3, 3, 0]
+    assert [n for names in split for n in names] == [str(i) for i in range(16)]
+    with pytest.raises(ValueError, match="summing to model.n_layers"):
+        split_layers(args, 2, seq_len=32768, sizes=[8, 7])
+    cfg = load_config(None, ["parallel.pp=2", "parallel.pp_stage_layers=[0, 4]"])
+    assert cfg.parallel.pp_stage_layers == [0, 4]
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
