@@ -76,6 +76,11 @@ class OnDemandRecvStage(PipelineStage):
 
     _on_demand = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # last stage, split backward: microbatch -> its loss, cut from the graph after W
+        self._losses_awaiting_w: dict[int, torch.Tensor] = {}
+
     def _park(self, infos) -> None:
         """Drop the stage's reference to each buffer of ``infos``, keeping its spec."""
         for info in _receiving(infos):
@@ -156,12 +161,6 @@ class OnDemandRecvStage(PipelineStage):
         if self._on_demand and self.is_last:
             _drop_graph(self._losses_awaiting_w.pop(bwd_chunk_id, None))
         return out
-
-    @property
-    def _losses_awaiting_w(self) -> dict:
-        if "_linscale_losses" not in self.__dict__:
-            self._linscale_losses = {}
-        return self._linscale_losses
 
 
 def _drop_graph(loss) -> None:
