@@ -2,12 +2,7 @@
 
 Because the loss is a scalar sum, each chunk's gradients can be computed right in the forward
 (logits live for one chunk only) and merely scaled in the backward. Memory: one chunk of logits
-plus ``dhidden`` (the size of ``hidden``) and ``dweight`` (fp32, the size of the head). Under
-autocast (bf16 activations, fp32 master weight) the weight is cast to the activations' dtype
-inside the op, so its gradient leaves the backward in fp32 as the single tensor
-``grad_out * dweight``: no bf16 gradient and no fp32 copy of it on the way back (at a 128K
-vocabulary and dim 2048 those were 0.5 and 1.1 GB more at the head's backward, on the rank that
-holds the last pipeline stage), and no bf16 rounding of the head's gradient.
+plus ``dhidden`` (the size of ``hidden``) and ``dweight`` (fp32, the size of the head).
 On CUDA the loss rows and ``softmax - onehot`` of each chunk come from one fused Triton kernel
 (:mod:`models.ops.triton_ops.softmax_xent`) working in the logits' own buffer; elsewhere, or
 with ``LINSCALE_CE_BACKEND=torch``, from torch ops on an fp32 (fp64 in tests) copy.
@@ -49,12 +44,11 @@ class _ChunkedCE(torch.autograd.Function):
         N = hidden.shape[0]
         ctx.weight_dtype = weight.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        weight = weight.to(hidden.dtype)  # the master weight: cast here, not in the graph
         dh = torch.empty_like(hidden) if need_h else None
         dw = (
             torch.zeros(
                 weight.shape,
-                dtype=torch.promote_types(ctx.weight_dtype, torch.float32),
+                dtype=torch.promote_types(weight.dtype, torch.float32),
                 device=weight.device,
             )
             if need_w
@@ -95,9 +89,7 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         dh, dw = ctx.saved_tensors
         gh = (dh * grad_out.to(dh.dtype)) if dh is not None else None
-        gw = None
-        if dw is not None:  # one tensor when the master weight is fp32 (dw's dtype)
-            gw = (dw * grad_out.to(dw.dtype)).to(ctx.weight_dtype)
+        gw = (dw * grad_out.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
         return gh, gw, None, None, None
 
 
@@ -128,4 +120,9 @@ def chunked_cross_entropy(
             f"labels must lie in [0, {weight.shape[0]}) (the vocabulary) or equal "
             f"ignore_index={ignore_index}; got {labels[bad][:4].tolist()}"
         )
-    return _ChunkedCE.apply(hidden, weight, labels, chunk_tokens, ignore_index)
+    if hidden.dtype != weight.dtype:
+        # Under autocast the activations are bf16 while the master weight is fp32.
+        weight_c = weight.to(hidden.dtype)
+    else:
+        weight_c = weight
+    return _ChunkedCE.apply(hidden, weight_c, labels, chunk_tokens, ignore_index)
