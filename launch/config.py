@@ -470,24 +470,13 @@ def pipeline_microbatches(p: ParallelConfig) -> int:
 
 def _validate_stage_layers(p: ParallelConfig, n_layers: int) -> None:
     """An explicit ``parallel.pp_stage_layers``: one entry per stage, the layers all placed."""
-    sizes = p.pp_stage_layers
-    if sizes is None:
+    if p.pp_stage_layers is None:
         return
-    stages = p.pp * p.pp_stages_per_rank
-    if len(sizes) != stages:
-        raise ConfigError(
-            f"parallel.pp_stage_layers has {len(sizes)} entries; it needs one per pipeline "
-            f"stage, parallel.pp * parallel.pp_stages_per_rank = {stages}"
-        )
-    if sum(sizes) != n_layers or any(n < 0 for n in sizes):
-        raise ConfigError(
-            f"parallel.pp_stage_layers {sizes} must be >= 0 and sum to model.n_layers "
-            f"({n_layers}), got sum {sum(sizes)}"
-        )
-    if stages > 1 and any(n < 1 for n in sizes[1:-1]):
-        raise ConfigError(
-            f"parallel.pp_stage_layers {sizes}: only the first and the last stage may be empty"
-        )
+    from parallel.pipeline_split import stage_sizes_problem  # the rule split_layers applies
+
+    problem = stage_sizes_problem(p.pp_stage_layers, p.pp * p.pp_stages_per_rank, n_layers)
+    if problem:
+        raise ConfigError(f"parallel.pp_stage_layers {p.pp_stage_layers}: {problem}")
 
 
 def _validate_pipeline(p: ParallelConfig) -> None:

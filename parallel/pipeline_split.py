@@ -55,6 +55,7 @@ __all__ = [
     "recomputed_blocks",
     "split_layers",
     "stage_ids_on_rank",
+    "stage_sizes_problem",
     "stage_to_rank",
 ]
 
@@ -135,11 +136,9 @@ def split_layers(
     if pp < 1 or num_stages % pp:
         raise ValueError(f"{num_stages} stages do not divide over {pp} pipeline ranks")
     if sizes is not None:
-        if len(sizes) != num_stages or sum(sizes) != args.n_layers or min(sizes) < 0:
-            raise ValueError(
-                f"stage sizes {list(sizes)} must be {num_stages} counts >= 0 summing to "
-                f"model.n_layers ({args.n_layers})"
-            )
+        problem = stage_sizes_problem(sizes, num_stages, args.n_layers)
+        if problem:
+            raise ValueError(f"stage sizes {list(sizes)}: {problem}")
     else:
         per_rank = num_stages // pp
         ranks = [stage_to_rank(s, pp, per_rank, style) for s in range(num_stages)]
@@ -152,6 +151,22 @@ def split_layers(
         names.append([str(i) for i in range(start, start + size)])
         start += size
     return names
+
+
+def stage_sizes_problem(sizes: Sequence[int], num_stages: int, n_layers: int) -> str | None:
+    """What is wrong with explicit layers-per-stage ``sizes`` (``parallel.pp_stage_layers``),
+    or None: one count per stage, all >= 0, summing to ``n_layers``, only the end stages
+    empty (as the cost search places them)."""
+    if len(sizes) != num_stages:
+        return (
+            f"{len(sizes)} entries; it needs one per pipeline stage (pp x stages per rank = "
+            f"{num_stages})"
+        )
+    if sum(sizes) != n_layers or any(n < 0 for n in sizes):
+        return f"counts must be >= 0 and sum to model.n_layers ({n_layers}), got sum {sum(sizes)}"
+    if num_stages > 1 and any(n < 1 for n in sizes[1:-1]):
+        return "only the first and the last stage may be empty"
+    return None
 
 
 def recomputed_blocks(n_layers: int, mode: str, every: int) -> list[bool] | None:

@@ -190,8 +190,10 @@ def test_explicit_stage_layers():
     split = split_layers(args, 8, seq_len=32768, pp=4, style="v", sizes=[2, 2, 2, 2, 2, 3, 3, 0])
     assert [len(names) for names in split] == [2, 2, 2, 2, 2, 3, 3, 0]
     assert [n for names in split for n in names] == [str(i) for i in range(16)]
-    with pytest.raises(ValueError, match="summing to model.n_layers"):
+    with pytest.raises(ValueError, match="sum to model.n_layers"):
         split_layers(args, 2, seq_len=32768, sizes=[8, 7])
+    with pytest.raises(ValueError, match="only the first and the last"):
+        split_layers(args, 3, seq_len=32768, sizes=[8, 0, 8])
     cfg = load_config(None, ["parallel.pp=2", "parallel.pp_stage_layers=[0, 4]"])
     assert cfg.parallel.pp_stage_layers == [0, 4]
 
