@@ -47,7 +47,7 @@ from models.llama import LinearLlama
 from parallel.data_parallel import exclude_from_grad_norm
 from parallel.deferred_wgrad import WeightGradStore, defer_linear_weight_grads
 from parallel.parallelize import parallelize_model
-from parallel.pipeline_recv import OnDemandRecvStage, recv_buffers_on_demand
+from parallel.pipeline_recv import OnDemandRecvStage
 from parallel.pipeline_split import (
     StepContext,
     build_stage_module,
@@ -332,7 +332,6 @@ def build_pipeline(
 
     pp_group = dims.group("pp")
     stages, stores = [], []
-    on_demand = recv_buffers_on_demand()
     for part, s in zip(parts, stage_ids):
         stage_cls = _LastStage if s == num_stages - 1 else OnDemandRecvStage
         kw = {}
@@ -341,7 +340,6 @@ def build_pipeline(
             stores.append(store)
             kw["dw_builder"] = store.builder
         stage = stage_cls(part, s, num_stages, device, group=pp_group, **kw)
-        stage._on_demand = on_demand  # receive buffers per use (parallel/pipeline_recv.py)
         if zb_mode == "deferred":
             stores[-1].arm(stage)
         stage.ctx = ctx

@@ -74,10 +74,9 @@ class OnDemandRecvStage(PipelineStage):
     buffers changes (see the module docstring).
     """
 
-    _on_demand = True
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._on_demand = recv_buffers_on_demand()
         # last stage, split backward: microbatch -> its loss, cut from the graph after W
         self._losses_awaiting_w: dict[int, torch.Tensor] = {}
 
