@@ -256,7 +256,8 @@ def _settle(device: torch.device, seconds: float = 3.0) -> None:
 
     DDP's gradient buckets stay referenced by their completed all-reduces for a moment after
     the Trainer is gone (4 x H100: 1.9-4.9 GB per rank right after deletion, 0.07 GB after a
-    barrier, a device sync and 3 s), and would count in the next row's peak."""
+    barrier, a device sync and 3 s), and could count in the next row's peak. (The pp1-dp4
+    row's high peak on some ranks was not that: it stayed with this settling.)"""
     gc.collect()
     if device.type != "cuda":
         return
