@@ -47,6 +47,11 @@ CASES = {
         ("scalar_no_state_groups", "scalar", 1, 200, 1, 16, 16, None, 64, False),
         # gates x 30 (about -4 per token; "_strongg", as in the delta family) in ragged chunks
         ("scalar_strongg_ragged_docs", "scalar", 1, 250, 2, 16, 24, [0, 100, 250], 64, True),
+        # "_splitpairs": the in-chunk gate-gradient pairs as q.dq minus k.dk (LINSCALE_KERNEL_
+        # SCALAR_PAIRS=split, the 16-bit default; fp32 here takes "exact" by default)
+        ("scalar_splitpairs", "scalar", 2, 130, 2, 32, 16, None, 64, True),
+        ("scalar_k96_docs_splitpairs", "scalar", 1, 330, 1, 96, 16, [0, 270, 330], 128, True),
+        ("scalar_strongg_docs_splitpairs", "scalar", 1, 250, 2, 16, 24, [0, 100, 250], 64, True),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
@@ -121,6 +126,7 @@ def main(family: str) -> None:
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
         os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recw" in cid else "on"
+        os.environ["LINSCALE_KERNEL_SCALAR_PAIRS"] = "split" if "_splitpairs" in cid else ""
         os.environ["LINSCALE_DELTA_LOCAL_DD"] = "off" if "_prepdd" in cid else "on"  # fp32 here
         seg = re.search(r"_seg(\d+)", cid)
         os.environ["LINSCALE_DELTA_SCAN_SEGMENT"] = seg.group(1) if seg else ""

@@ -2,10 +2,12 @@
 
 Forward: group-local states -> scan over groups -> outputs replayed per group.
 Backward: the same three steps run on the adjoint state (reverse direction) give dk and dv; dq
-replays the saved group-start states forward. Gate gradients use the identity
+replays the saved group-start states forward. Per-channel gate gradients use the identity
 ``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t``, summed in reverse
 only within each chunk and closed by ``sum_v H_c * dH_c`` (the chunk-end state times its
-adjoint): a whole-sequence reverse sum would let rounding grow with T.
+adjoint): a whole-sequence reverse sum would let rounding grow with T. The scalar gate's
+gradient sums, for each gate, the token pairs whose decay contains it, split by chunk so that
+no two large terms cancel (see :func:`nondelta_kernels.bwd_dk_kernel`).
 
 With an ``exchange`` (LASP-2 inside the op, :func:`nondelta_attn`) the scan over groups runs
 twice: from zero, giving each sequence's final state ``M`` for the exchange, then from the
@@ -42,6 +44,19 @@ def _state_bv(gate: int, bv: int, bv_full: int) -> int:
     if gate != 2:
         return bv
     return min(bv_full, env_setting("LINSCALE_KERNEL_GLA_STATE_BV", 128, (64, 128, 256)))
+
+
+def _exact_pairs(dtype) -> bool:
+    """How the scalar gate gradient forms the pairs inside a chunk (``LINSCALE_KERNEL_SCALAR_PAIRS``).
+
+    "exact": from one fp32 tile of pair terms in the dk kernel (one more product); "split": as
+    ``q . dq`` (dq kernel) minus ``k . dk`` (dk kernel), which cancel exactly where both
+    products round the same operands, true for 16-bit inputs (exact in the tensor cores) but
+    not for fp32 ones (tf32-rounded there: the diagonal terms then fail to cancel under strong
+    gates). "auto" (default): exact for fp32 inputs, split otherwise.
+    """
+    mode = env_setting("LINSCALE_KERNEL_SCALAR_PAIRS", "auto", ("auto", "exact", "split"))
+    return mode == "exact" or (mode == "auto" and dtype == torch.float32)
 
 
 def _launch_opts(dtype, *tiles: int) -> dict:
@@ -244,6 +259,7 @@ class _NonDelta(torch.autograd.Function):
             dg = torch.empty(nk, TT, H, **f32)
             sq = torch.empty(nk, H, TT, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
+        exact_pairs = _exact_pairs(q.dtype)
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
             opts["num_warps"] = env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8))
         kern.bwd_dq_kernel[(nk, G, H)](
@@ -269,6 +285,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=bvf,
             GATE=gate,
+            EXACT_PAIRS=exact_pairs,
             **opts,
         )
         if finish is not None:
@@ -299,6 +316,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=bvf,
             GATE=gate,
+            EXACT_PAIRS=exact_pairs,
             **opts,
         )
         kern.bwd_dv_kernel[(nv, G, H)](
