@@ -263,6 +263,8 @@ CASES += [
     ("gated_delta", "bf16", 128, 128, False, True, {"LINSCALE_DELTA_KEEP_W": "off"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_UW_PREC": "tf32"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_OUT_BV": "128"}),
+    # scalar decay's in-chunk gate-gradient pairs from one fp32 tile with 16-bit inputs
+    ("scalar", "bf16", 128, 128, True, True, {"LINSCALE_KERNEL_SCALAR_PAIRS": "exact"}),
     ("gated_delta", "bf16", 128, 128, False, False, {"LINSCALE_DELTA_SCAN_FWD_BV": "64"}),
     # the 16-row-block GLA intra-chunk kernels, still selectable
     ("gla", "bf16", 128, 128, False, False, {"LINSCALE_GLA_INTRA": "v2"}),
