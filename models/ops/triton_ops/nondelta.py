@@ -259,7 +259,7 @@ class _NonDelta(torch.autograd.Function):
             dg = torch.empty(nk, TT, H, **f32)
             sq = torch.empty(nk, H, TT, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
-        exact_pairs = _exact_pairs(q.dtype)
+        exact_pairs = gate == 1 and _exact_pairs(q.dtype)
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
             opts["num_warps"] = env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8))
         kern.bwd_dq_kernel[(nk, G, H)](
