@@ -90,8 +90,11 @@ def naive_op(variant, x, cu, with_state=True):
     return _call(_NaiveNS, variant, x, cu, with_state)
 
 
-def _grads(fn, x, seed, with_state=True):
-    """Forward + backward through a random loss on o and on ht; returns outputs and all grads."""
+def _grads(fn, x, seed, with_state=True, wdtype=torch.float64):
+    """Forward + backward through a random loss on o and on ht; returns outputs and all grads.
+
+    The loss weights are rounded to ``wdtype`` (the inputs' dtype), so that the op and its
+    oracle see the same ones."""
     leaves = {
         n: t.detach().clone().requires_grad_(True)
         for n, t in x.items()
@@ -99,10 +102,10 @@ def _grads(fn, x, seed, with_state=True):
     }
     o, ht = fn(leaves)
     gen = torch.Generator().manual_seed(seed + 1)
-    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(wdtype).to(o.dtype)
     loss = (o * wo).sum()
     if with_state:
-        wh = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(ht.dtype)
+        wh = torch.randn(ht.shape, generator=gen, dtype=torch.float64).to(wdtype).to(ht.dtype)
         loss = loss + (ht * wh).sum()
     else:
         assert ht is None
@@ -122,12 +125,16 @@ def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, **
     ``with_state=False`` calls both without initial_state and with output_final_state=False.
     """
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
-    ref = _grads(lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed, with_state)
+    wdt = x["q"].dtype
+    ref = _grads(
+        lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed, with_state, wdt
+    )
     got = _grads(
         lambda xs: run_op(mod, variant, {**x, **xs}, cu, with_state=with_state, **kw),
         x,
         seed,
         with_state,
+        wdt,
     )
     errs = {"o": rel_err(got[0], ref[0]), "ht": rel_err(got[1], ref[1])}
     for n in ref[2]:

@@ -63,6 +63,19 @@ CASES = {
         ("gla_v2_loopdiag", "gla", 1, 200, 2, 24, 40, 3, 64, True),
         ("gla_v2_odd_kv_empty_doc", "gla", 1, 140, 1, 24, 40, [0, 64, 64, 140], None, True),
     ],
+    # fp16 inputs (16-bit operands in every product, as on the GPU; the interpreter has no
+    # bf16), checked against the fp64 recurrence on the same rounded inputs at TOL16. K = 32
+    # makes the attention scale no power of two, so products that scale before and after
+    # rounding disagree. "_exactpairs" forces LINSCALE_KERNEL_SCALAR_PAIRS=exact (fp16 takes
+    # "split" by default); "_strongg" scales the gates by 30 as above.
+    "fp16": [
+        ("linear_fp16", "linear", 1, 200, 1, 32, 24, [0, 70, 200], 64, True),
+        ("scalar_fp16_strongg", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
+        ("scalar_fp16_strongg_exactpairs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
+        ("scalar_fp16", "scalar", 2, 130, 1, 32, 16, None, 64, True),
+        ("gla_fp16_strongg", "gla", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
+        ("gla_fp16", "gla", 2, 130, 1, 32, 16, None, 64, True),
+    ],
     "delta": [
         ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
         ("delta_no_gate", "delta", 1, 70, 2, 32, 16, None, None, True),
@@ -126,17 +139,29 @@ def main(family: str) -> None:
         os.environ["LINSCALE_GLA_DIAG_RANGE"] = "0" if "_loopdiag" in cid else ""
         os.environ["LINSCALE_KERNEL_GLA_STATE_BV"] = "64" if "_state_bv64" in cid else ""
         os.environ["LINSCALE_DELTA_KEEP_W"] = "off" if "_recw" in cid else "on"
-        os.environ["LINSCALE_KERNEL_SCALAR_PAIRS"] = "split" if "_splitpairs" in cid else ""
+        pairs = {"_splitpairs": "split", "_exactpairs": "exact"}
+        os.environ["LINSCALE_KERNEL_SCALAR_PAIRS"] = next(
+            (m for part, m in pairs.items() if part in cid), ""
+        )
         os.environ["LINSCALE_DELTA_LOCAL_DD"] = "off" if "_prepdd" in cid else "on"  # fp32 here
         seg = re.search(r"_seg(\d+)", cid)
         os.environ["LINSCALE_DELTA_SCAN_SEGMENT"] = seg.group(1) if seg else ""
         x, cu = make_inputs(
-            variant, B, T, H, K, V, n_docs=n_docs, dtype=torch.float32, seed=len(out) + 1
+            variant,
+            B,
+            T,
+            H,
+            K,
+            V,
+            n_docs=n_docs,
+            dtype=torch.float16 if family == "fp16" else torch.float32,
+            seed=len(out) + 1,
         )
         if "_weakg" in cid:
             x["g"] = x["g"] * 0.05
         if "_strongg" in cid:
-            x["g"] = x["g"] * 30
+            gate = "g" if "g" in x else "gk"
+            x[gate] = x[gate] * 30
         try:
             out[cid] = check_against_naive(
                 mod, variant, x, cu, tol=float("inf"), with_state=with_state

@@ -4,8 +4,10 @@ Forward: group-local states -> scan over groups -> outputs replayed per group.
 Backward: the same three steps run on the adjoint state (reverse direction) give dk and dv; dq
 replays the saved group-start states forward. Per-channel gate gradients use the identity
 ``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t``, summed in reverse
-only within each chunk and closed by ``sum_v H_c * dH_c`` (the chunk-end state times its
-adjoint): a whole-sequence reverse sum would let rounding grow with T. The scalar gate's
+only within each chunk and closed by the chunk-end state times its adjoint, formed from the
+state entering the chunk plus the chunk's own ``k dk'`` (see
+:func:`nondelta_kernels.bwd_dk_kernel`): a whole-sequence reverse sum would let rounding grow
+with T. The scalar gate's
 gradient sums, for each gate, the token pairs whose decay contains it, split by chunk so that
 no two large terms cancel (see :func:`nondelta_kernels.bwd_dk_kernel`).
 

@@ -14,7 +14,7 @@ Gates are summed within each chunk in fp32 (``b`` = inclusive in-chunk cumulativ
 every exponent is either ``b_i - b_j`` with ``i >= j``, ``b`` or ``b_last - b``: all <= 0.
 For GATE 2, ``g_ptr`` is the fp32 in-chunk cumulative gate and the intra-chunk scores and their
 gradients come from :mod:`.gla_kernels`. Backward with gates keeps one extra state per chunk
-(``hc``) for the chunk-local gate gradient; GATE 1 also passes the per-token ``q_t . dq_t`` (per
+(``hc``, the state entering it) for the chunk-local gate gradient; GATE 1 also passes the per-token ``q_t . dq_t`` (per
 K-block, from the fp32 accumulator) from the dq to the dk kernel, so dq itself is stored in q's
 dtype, and forms its gate gradient as a sum over the token pairs each gate lies between
 (:func:`bwd_dk_kernel`). Offsets are computed in int64.
@@ -324,7 +324,7 @@ def bwd_dq_kernel(
         other=0.0,
     )
     n = tl.cdiv(eos - bos, BT)
-    if GATE == 1:
+    if GATE != 0:
         _store_state(hc_ptr, h, c0, pid_h, H, K, V, offs_k, offs_v, mk, mv)
     for c in range(n):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
@@ -346,8 +346,10 @@ def bwd_dq_kernel(
                     q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                     tl.store(sq_ptrs, tl.sum(q * dq, 1) * tl.exp(b) * scale, mask=mt)
                 d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-                da = tl.dot(do, tl.trans(v)) * d
-                dq = (dq * tl.exp(b)[:, None] + tl.dot(da.to(dt), k)) * scale
+                # da is rounded exactly as the dk kernel rounds its transpose (scale inside):
+                # the split pairs cancel term by term only then
+                da = tl.dot(do, tl.trans(v)) * (d * scale)
+                dq = dq * (tl.exp(b) * scale)[:, None] + tl.dot(da.to(dt), k)
                 if not EXACT_PAIRS:  # q . all of dq
                     q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                     tl.store(sq_ptrs, tl.sum(q * dq, 1), mask=mt)
@@ -363,11 +365,9 @@ def bwd_dq_kernel(
             dq += _load(dqi_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         _store(dq_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)
         h += tl.dot(tl.trans(kg), v)
-        # GATE 2 keeps the state leaving each chunk; GATE 1 the state entering it: the next
-        # chunk's here, the first chunk's before the loop
-        if GATE == 2:
-            _store_state(hc_ptr, h, c0 + c, pid_h, H, K, V, offs_k, offs_v, mk, mv)
-        elif GATE == 1:  # noqa: SIM102 - constexpr branch around a runtime one
+        # with gates, keep the state entering each chunk: the next chunk's here, the first
+        # chunk's before the loop
+        if GATE != 0:  # noqa: SIM102 - constexpr branch around a runtime one
             if c + 1 < n:
                 _store_state(hc_ptr, h, c0 + c + 1, pid_h, H, K, V, offs_k, offs_v, mk, mv)
 
@@ -407,10 +407,15 @@ def bwd_dk_kernel(
     With gates it also writes the gate gradient, chunk-locally.
 
     GATE 2 (``[TT, H, K]``, from the fp32 dq ``[TT, H, K]``): for token s of chunk c,
-    ``dg_s = sum_{t >= s in c} (q_t dq_t - k_t dk_t) + sum_v (H_c * dH_c)`` with H_c / dH_c the
-    state / adjoint at the chunk's end. It also stores the fp32 dq it reads in dqo's dtype (and
-    dg in dg_ptr's: the gate's dtype), so no conversion pass follows. Cutting the reverse sum at
-    every chunk keeps its error local.
+    ``dg_s = sum_{t >= s in c} (q_t dq_t - k_t dk_t) + e^bl sum_v (H_(c-1) * dH_c)
+    + sum_{t in c} k_t dk'_t``, per channel, with H_(c-1) the state entering the chunk (``hc``),
+    dH_c the adjoint leaving it and dk' the part of dk through dH_c. The last two terms are
+    ``sum_v (H_c * dH_c)`` (the leaving state against its adjoint) split in two: the chunk's own
+    ``k dk'`` then comes from the same fp32 values as in the reverse sum and cancels there to
+    fp32 rounding, where through the bf16-rounded ``H_c`` it did not (dgk 1.2e-2 in bf16 at
+    gates 64x the default, 2.6e-3 now). Cutting the reverse sum at every chunk keeps its error
+    local. It also stores the fp32 dq it reads in dqo's dtype (and dg in dg_ptr's: the gate's
+    dtype), so no conversion pass follows.
 
     GATE 1 (this K-block's partial sum, ``[NK, TT, H]``, with the dq kernel's ``sq`` of the same
     K-block, ``[NK, H, TT]``): ``dg_s`` is the sum over every pair (source j < s, sink i >= s)
@@ -500,13 +505,16 @@ def bwd_dk_kernel(
                 qg = (q * tl.exp(b)[:, None]).to(dt)
                 dh = dh * tl.exp(bl)
             else:
-                dk = dk * tl.exp(bl[None, :] - b)
+                dk = dk * tl.exp(bl[None, :] - b)  # the part through the leaving state
+                # the chunk's sum of k dk' (per channel) closes the tail (see the docstring)
+                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
+                tail = tail * tl.exp(bl) + tl.sum(k * dk, 0)
                 dk += _load(dki_ptr, t64, mt, pid_h, H, K, offs_k, mk)
                 qg = (q * tl.exp(b)).to(dt)
                 dh = dh * tl.exp(bl)[:, None]
-                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 _store(dqo_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)  # dq in q's dtype
+                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 db = q.to(tl.float32) * dq - k * dk
                 dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
                 _store(dg_ptr, dg, t64, mt, pid_h, H, K, offs_k, mk)
