@@ -11,6 +11,11 @@ The three public ops share one signature style (shared/DESIGN.md has the recurre
 Triton path imports, else the reference), ``"triton"`` or ``"reference"``. The environment
 variable ``LINSCALE_OPS_BACKEND`` overrides ``"auto"`` (handy to force the reference on GPU or
 the Triton interpreter on CPU with ``TRITON_INTERPRET=1``).
+
+Dtypes: q, k, v in bf16, fp16 or fp32; o comes back in v's dtype, states in fp32. fp16's range
+(65504) is the user's to respect: without decay the output grows with the sequence, and on
+positive features (``elu + 1``) it passed that range by 8K tokens on an H100 probe (the output
+then holds inf, as any fp16 result would; bf16 and fp32 do not overflow there).
 """
 
 from __future__ import annotations

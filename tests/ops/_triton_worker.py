@@ -75,6 +75,9 @@ CASES = {
         ("scalar_fp16", "scalar", 2, 130, 1, 32, 16, None, 64, True),
         ("gla_fp16_strongg", "gla", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("gla_fp16", "gla", 2, 130, 1, 32, 16, None, 64, True),
+        ("gated_delta_fp16", "gated_delta", 1, 200, 2, 32, 24, [0, 70, 200], None, True),
+        ("gd_fp16_strongg", "gated_delta", 1, 230, 1, 32, 16, None, None, True),
+        ("delta_no_gate_fp16", "delta", 1, 130, 1, 32, 16, None, None, False),
     ],
     "delta": [
         ("gated_delta", "gated_delta", 2, 130, 2, 16, 32, None, None, True),
