@@ -114,11 +114,10 @@ def test_gla_strong_gates(gate_mult, dtype):
     """GLA gates 16x and 64x the default (``logsigmoid(x)``, about -0.8 per token and channel,
     and 4x that), bf16 and fp32, 8K with three documents. A chunk's per-channel gate sums
     average about 51 nats at 16x, around v3's 80-nat limit for factoring a whole chunk, so both
-    v3 paths run;
-    at 64x (about 200 per chunk, 50 per 16 rows) chunks take the row-block path and its 16-row
-    diagonal blocks straddle their 40-nat limit. bf16 at 64x put dgk at 1.2e-2 on both diagonal
-    paths alike, from the closing term through the bf16-rounded chunk-end state, until the
-    twelfth session formed it from the entering state (2.6e-3 on the H100).
+    v3 paths run; at 64x (about 200 per chunk, 50 per 16 rows) chunks take the row-block path
+    and its 16-row diagonal blocks straddle their 40-nat limit. bf16 at 64x put dgk at 1.2e-2
+    on both diagonal paths alike, from the closing term through the bf16-rounded chunk-end
+    state, until the twelfth session formed it from the entering state (2.6e-3 on the H100).
     """
     test_kernel_vs_fp32_reference("gla", (1, 8192, 2, 3), dtype, gate_mult=gate_mult)
 

@@ -1,6 +1,6 @@
 """Triton kernels (interpreter) against the fp64 naive oracle: linear / scalar-decay / GLA
-("nondelta") and the gated delta rule ("delta") in fp32, and the non-delta ones with fp16
-inputs ("fp16", against the oracle on the same rounded inputs).
+("nondelta") and the gated delta rule ("delta") in fp32, and all of them with fp16 inputs
+("fp16", against the oracle on the same rounded inputs).
 
 The kernels of each family run in one subprocess with TRITON_INTERPRET=1 (see
 _triton_worker.py), so the interpreter setting never leaks into other tests; each case is

@@ -5,11 +5,10 @@ Backward: the same three steps run on the adjoint state (reverse direction) give
 replays the saved group-start states forward. Per-channel gate gradients use the identity
 ``dL/dB_t = q_t * dq_t - k_t * dk_t`` for the cumulative log gate ``B_t``, summed in reverse
 only within each chunk and closed by the chunk-end state times its adjoint, formed from the
-state entering the chunk plus the chunk's own ``k dk'`` (see
-:func:`nondelta_kernels.bwd_dk_kernel`): a whole-sequence reverse sum would let rounding grow
-with T. The scalar gate's
-gradient sums, for each gate, the token pairs whose decay contains it, split by chunk so that
-no two large terms cancel (see :func:`nondelta_kernels.bwd_dk_kernel`).
+state entering the chunk plus the chunk's own ``k dk'``: a whole-sequence reverse sum would let
+rounding grow with T. The scalar gate's gradient sums, for each gate, the token pairs whose
+decay contains it, split by chunk so that no two large terms cancel (both: see
+:func:`nondelta_kernels.bwd_dk_kernel`).
 
 With an ``exchange`` (LASP-2 inside the op, :func:`nondelta_attn`) the scan over groups runs
 twice: from zero, giving each sequence's final state ``M`` for the exchange, then from the
@@ -55,7 +54,8 @@ def _exact_pairs(dtype) -> bool:
     ``q . dq`` (dq kernel) minus ``k . dk`` (dk kernel), which cancel exactly where both
     products round the same operands, true for 16-bit inputs (exact in the tensor cores) but
     not for fp32 ones (tf32-rounded there: the diagonal terms then fail to cancel under strong
-    gates). "auto" (default): exact for fp32 inputs, split otherwise.
+    gates; and both kernels must round the pair tile ``do v^T * D * scale`` alike, scale
+    inside). "auto" (default): exact for fp32 inputs, split otherwise.
     """
     mode = env_setting("LINSCALE_KERNEL_SCALAR_PAIRS", "auto", ("auto", "exact", "split"))
     return mode == "exact" or (mode == "auto" and dtype == torch.float32)

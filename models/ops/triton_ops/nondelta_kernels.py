@@ -14,10 +14,10 @@ Gates are summed within each chunk in fp32 (``b`` = inclusive in-chunk cumulativ
 every exponent is either ``b_i - b_j`` with ``i >= j``, ``b`` or ``b_last - b``: all <= 0.
 For GATE 2, ``g_ptr`` is the fp32 in-chunk cumulative gate and the intra-chunk scores and their
 gradients come from :mod:`.gla_kernels`. Backward with gates keeps one extra state per chunk
-(``hc``, the state entering it) for the chunk-local gate gradient; GATE 1 also passes the per-token ``q_t . dq_t`` (per
-K-block, from the fp32 accumulator) from the dq to the dk kernel, so dq itself is stored in q's
-dtype, and forms its gate gradient as a sum over the token pairs each gate lies between
-(:func:`bwd_dk_kernel`). Offsets are computed in int64.
+(``hc``, the state entering it) for the chunk-local gate gradient; GATE 1 also passes the
+per-token ``q_t . dq_t`` (per K-block, from the fp32 accumulator) from the dq to the dk kernel,
+so dq itself is stored in q's dtype, and forms its gate gradient as a sum over the token pairs
+each gate lies between (:func:`bwd_dk_kernel`). Offsets are computed in int64.
 """
 
 from __future__ import annotations
