@@ -7,7 +7,8 @@ outputs written once), against the card's measured ceilings (shared/DESIGN.md).
 
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
 
-Rows: ours ``linear`` (no decay), ``scalar`` (scalar decay), ``gla``, ``gated_delta``; theirs
+Rows: ours ``linear`` (no decay), ``scalar`` (scalar decay), ``scalar_fixed`` (scalar decay
+fixed per head, taking no gradient: lightning / retention layers), ``gla``, ``gated_delta``; theirs
 ``fla_linear`` (``chunk_linear_attn``, normalize=False) and ``fla_gla`` (``chunk_gla``). fla's
 scalar-decay and gated-delta kernels are not timed: they miscompile on Hopper with Triton 3.6.
 """
@@ -39,7 +40,7 @@ def roofline(op: str, B: int, T: int) -> tuple[float, float, float, float]:
         fwd += 2 * n * (C * D + C * C / 2 + C * (2 * D) + D * D)  # k k^T, solve, U/W, w h
     el = 2
     io = 3 * n * D  # q, k, v
-    gates = {"linear": 0, "scalar": n, "gla": n * D, "gated_delta": 2 * n}[op]
+    gates = {"linear": 0, "scalar": n, "scalar_fixed": 0, "gla": n * D, "gated_delta": 2 * n}[op]
     fwd_bytes = (io + n * D) * el + gates * 4
     bwd_bytes = (io + n * D + 3 * n * D) * el + 2 * gates * 4  # re-read q k v do, write dq dk dv
     return fwd, 3 * fwd, fwd_bytes, fwd_bytes + bwd_bytes
@@ -62,6 +63,11 @@ def make(op: str, B: int, T: int, device="cuda"):
     ts = [q, k, v, *extra]
     for t in ts:
         t.requires_grad_(True)
+    if op == "scalar_fixed":  # lightning's slopes, no gradient (as the layer passes them)
+        from models.layers.linear_attention import fixed_decay
+
+        g = fixed_decay("lightning", H).float().to(device).view(1, 1, H).expand(B, T, H)
+        ts.append(g.contiguous())
     return ts
 
 
@@ -70,7 +76,7 @@ def op_fn(op: str):
 
     if op == "linear":
         return lambda q, k, v: ops.chunk_linear_attn(q, k, v, backend="triton")[0]
-    if op == "scalar":
+    if op in ("scalar", "scalar_fixed"):
         return lambda q, k, v, g: ops.chunk_linear_attn(q, k, v, g, backend="triton")[0]
     if op == "gla":
         return lambda q, k, v, g: ops.chunk_gla(q, k, v, g, backend="triton")[0]
@@ -98,9 +104,11 @@ def bench(op: str, B: int, T: int) -> dict:
         with torch.no_grad():
             fn(*ts)
 
+    leaves = [t for t in ts if t.requires_grad]
+
     def fwdbwd():
         o = fn(*ts)
-        torch.autograd.grad(o, ts, do)
+        torch.autograd.grad(o, leaves, do)
 
     fwdbwd()  # compile + warm-up
     t_f = do_bench(fwd, warmup=25, rep=150, return_mode="median")
@@ -132,7 +140,9 @@ def bench(op: str, B: int, T: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON path")
-    ap.add_argument("--ops", default="linear,fla_linear,scalar,gla,fla_gla,gated_delta")
+    ap.add_argument(
+        "--ops", default="linear,fla_linear,scalar,scalar_fixed,gla,fla_gla,gated_delta"
+    )
     ap.add_argument("--shapes", default="all", help="all, or e.g. 8192,131072")
     ap.add_argument(
         "--sweep-group-tokens",
@@ -143,7 +153,8 @@ def main() -> None:
         "--env-variants",
         default="",
         help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4;b:A=1,B=2': extra rows of ours (those "
-        "of --ops among linear, scalar and gla, at the first shape) under these settings",
+        "of --ops among linear, scalar, scalar_fixed and gla, at the first shape) under these "
+        "settings",
     )
     ap.add_argument(
         "--profile",
@@ -182,7 +193,8 @@ def main() -> None:
         pairs = [s.split("=", 1) for s in settings.split(",")]
         for name, val in pairs:
             os.environ[name] = val
-        for op in [o for o in args.ops.split(",") if o in ("linear", "scalar", "gla")]:
+        ours = ("linear", "scalar", "scalar_fixed", "gla")
+        for op in [o for o in args.ops.split(",") if o in ours]:
             B, T = shapes[0]
             try:
                 r = bench(op, B, T)
@@ -238,12 +250,13 @@ def profile(path: str, ops: list, B: int, T: int) -> None:
         for op in ops:
             try:
                 fn, ts = op_fn(op), make(op, B, T)
+                leaves = [t for t in ts if t.requires_grad]
                 do = torch.randn_like(ts[2])
                 for _ in range(2):
-                    torch.autograd.grad(fn(*ts), ts, do)
+                    torch.autograd.grad(fn(*ts), leaves, do)
                 torch.cuda.synchronize()
                 with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
-                    torch.autograd.grad(fn(*ts), ts, do)
+                    torch.autograd.grad(fn(*ts), leaves, do)
                     torch.cuda.synchronize()
                 table = p.key_averages().table(sort_by="cuda_time_total", row_limit=14)
             except Exception as exc:  # noqa: BLE001

@@ -50,25 +50,27 @@ def _inputs(variant, B, T, H, n_docs, dtype, seed, K=D, V=D, gate_mult=1.0 / 16,
     return x, cu
 
 
-def _run(backend, variant, x, cu, wo, wh):
+def _run(backend, variant, x, cu, wo, wh, frozen=()):
+    """Outputs and the gradients of every input not named in ``frozen``."""
     import models.ops as ops
 
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items() if n not in frozen}
+    a = {**x, **leaves}
     common = dict(
-        initial_state=leaves["initial_state"],
+        initial_state=a["initial_state"],
         output_final_state=True,
         cu_seqlens=cu,
         backend=backend,
     )
-    q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    q, k, v = a["q"], a["k"], a["v"]
     if variant == "linear":
         o, ht = ops.chunk_linear_attn(q, k, v, **common)
     elif variant == "scalar":
-        o, ht = ops.chunk_linear_attn(q, k, v, leaves["g"], **common)
+        o, ht = ops.chunk_linear_attn(q, k, v, a["g"], **common)
     elif variant == "gla":
-        o, ht = ops.chunk_gla(q, k, v, leaves["gk"], **common)
+        o, ht = ops.chunk_gla(q, k, v, a["gk"], **common)
     else:
-        o, ht = ops.chunk_gated_delta_rule(q, k, v, leaves["g"], leaves["beta"], **common)
+        o, ht = ops.chunk_gated_delta_rule(q, k, v, a["g"], a["beta"], **common)
     loss = (o.float() * wo).sum() + (ht * wh).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     out = {"o": o.detach().float(), "ht": ht.detach()}
@@ -79,18 +81,26 @@ def _run(backend, variant, x, cu, wo, wh):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
 @pytest.mark.parametrize("variant", ["linear", "scalar", "gla", "gated_delta"])
-def test_kernel_vs_fp32_reference(variant, shape, dtype, K=D, V=D, gate_mult=1.0 / 16, g_mult=1.0):
+def test_kernel_vs_fp32_reference(
+    variant, shape, dtype, K=D, V=D, gate_mult=1.0 / 16, g_mult=1.0, fixed_g=False
+):
     B, T, H, n_docs = shape
     x, cu = _inputs(
         variant, B, T, H, n_docs, dtype, seed=T + H, K=K, V=V, gate_mult=gate_mult, g_mult=g_mult
     )
+    frozen = ()
+    if fixed_g:  # lightning's per-head slopes, taking no gradient (as the layer passes them)
+        from models.layers.linear_attention import fixed_decay
+
+        x["g"] = fixed_decay("lightning", H).float().cuda().view(1, 1, H).expand(B, T, H)
+        frozen = ("g",)
     gen = torch.Generator(device="cuda").manual_seed(1)
     wo = torch.randn(B, T, H, V, device="cuda", generator=gen)
     wh = torch.randn(x["initial_state"].shape, device="cuda", generator=gen)
-    got = _run("triton", variant, x, cu, wo, wh)
+    got = _run("triton", variant, x, cu, wo, wh, frozen)
     # The reference sees the same (rounded) inputs, upcast: only the kernels' error is measured.
     x32 = {n: t.float() for n, t in x.items()}
-    ref = _run("reference", variant, x32, cu, wo, wh)
+    ref = _run("reference", variant, x32, cu, wo, wh, frozen)
     errs = {}
     for n, r in ref.items():
         assert not torch.isnan(got[n]).any(), f"NaN in {n}"
@@ -106,6 +116,14 @@ def test_fp16_inputs(variant, shape):
     """fp16 inputs (16-bit operands like bf16's, three more mantissa bits, a narrower range; the
     gated delta rule keeps its intermediates fp32 for them), held to bf16's limit."""
     test_kernel_vs_fp32_reference(variant, shape, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
+def test_scalar_fixed_gates(shape, dtype):
+    """Scalar decay whose gate takes no gradient (lightning's fixed per-head slopes): the
+    backward skips the gate-gradient work (no per-chunk state, no q . dq, no dg)."""
+    test_kernel_vs_fp32_reference("scalar", shape, dtype, fixed_g=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -36,7 +36,7 @@ def test_bf16_training_lowers_the_loss(tmp_path, variant):
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in hist)
 
 
-@pytest.mark.parametrize("variant", ["linear", "gla", "gated_deltanet"])
+@pytest.mark.parametrize("variant", ["linear", "lightning", "retention", "gla", "gated_deltanet"])
 def test_triton_model_matches_reference_model(variant):
     """The 1B family (narrowed) with Triton kernels against the pure-torch ops, fp32."""
     torch.manual_seed(0)

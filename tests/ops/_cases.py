@@ -90,15 +90,16 @@ def naive_op(variant, x, cu, with_state=True):
     return _call(_NaiveNS, variant, x, cu, with_state)
 
 
-def _grads(fn, x, seed, with_state=True, wdtype=torch.float64):
+def _grads(fn, x, seed, with_state=True, wdtype=torch.float64, frozen=()):
     """Forward + backward through a random loss on o and on ht; returns outputs and all grads.
 
     The loss weights are rounded to ``wdtype`` (the inputs' dtype), so that the op and its
-    oracle see the same ones."""
+    oracle see the same ones. Inputs named in ``frozen`` get no gradient (``fn`` takes them
+    from its own inputs)."""
     leaves = {
         n: t.detach().clone().requires_grad_(True)
         for n, t in x.items()
-        if t is not None and (with_state or n != "initial_state")
+        if t is not None and (with_state or n != "initial_state") and n not in frozen
     }
     o, ht = fn(leaves)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -119,15 +120,21 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, **kw):
+def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, frozen=(), **kw):
     """Assert forward, final state and every gradient of ``mod`` match the fp64 naive oracle.
 
-    ``with_state=False`` calls both without initial_state and with output_final_state=False.
+    ``with_state=False`` calls both without initial_state and with output_final_state=False;
+    inputs named in ``frozen`` (e.g. ``("g",)``) are passed without requiring a gradient.
     """
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
     wdt = x["q"].dtype
     ref = _grads(
-        lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state), x64, seed, with_state, wdt
+        lambda xs: naive_op(variant, {**x64, **xs}, cu, with_state),
+        x64,
+        seed,
+        with_state,
+        wdt,
+        frozen,
     )
     got = _grads(
         lambda xs: run_op(mod, variant, {**x, **xs}, cu, with_state=with_state, **kw),
@@ -135,6 +142,7 @@ def check_against_naive(mod, variant, x, cu, *, tol, seed=0, with_state=True, **
         seed,
         with_state,
         wdt,
+        frozen,
     )
     errs = {"o": rel_err(got[0], ref[0]), "ht": rel_err(got[1], ref[1])}
     for n in ref[2]:

@@ -52,6 +52,10 @@ CASES = {
         ("scalar_splitpairs", "scalar", 2, 130, 2, 32, 16, None, 64, True),
         ("scalar_k96_docs_splitpairs", "scalar", 1, 330, 1, 96, 16, [0, 270, 330], 128, True),
         ("scalar_strongg_docs_splitpairs", "scalar", 1, 250, 2, 16, 24, [0, 100, 250], 64, True),
+        # "_fixedg": the gate takes no gradient (fixed per-head decays, as lightning and
+        # retention pass): the backward then skips the gate-gradient work
+        ("scalar_fixedg_docs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
+        ("scalar_fixedg_multichunk", "scalar", 1, 300, 1, 96, 16, None, 128, False),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
@@ -73,6 +77,7 @@ CASES = {
         ("scalar_fp16_strongg", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("scalar_fp16_strongg_exactpairs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("scalar_fp16", "scalar", 2, 130, 1, 32, 16, None, 64, True),
+        ("scalar_fp16_fixedg", "scalar", 2, 130, 1, 32, 16, None, 64, True),
         ("gla_fp16_strongg", "gla", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("gla_fp16", "gla", 2, 130, 1, 32, 16, None, 64, True),
         ("gated_delta_fp16", "gated_delta", 1, 200, 2, 32, 24, [0, 70, 200], None, True),
@@ -167,7 +172,13 @@ def main(family: str) -> None:
             x[gate] = x[gate] * 30
         try:
             out[cid] = check_against_naive(
-                mod, variant, x, cu, tol=float("inf"), with_state=with_state
+                mod,
+                variant,
+                x,
+                cu,
+                tol=float("inf"),
+                with_state=with_state,
+                frozen=("g",) if "_fixedg" in cid else (),
             )
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
             out[cid] = f"{type(exc).__name__}: {exc}"

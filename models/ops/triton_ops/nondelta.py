@@ -241,6 +241,9 @@ class _NonDelta(torch.autograd.Function):
             finish = ctx.exchange.backward(dh0)
         else:
             scan(dht, True)
+        # the scalar gate may need no gradient (fixed per-head decays: lightning, retention);
+        # then no per-chunk state, q . dq or gate gradient is formed
+        dg_needed = gate == 2 or (gate == 1 and ctx.needs_input_grad[3])
         dqi = dki = q
         if gate == 2:
             dqi, dki = gla_intra_grads(q, k, v, gf, do, cgrp, scale, bkf, bvf)
@@ -251,17 +254,19 @@ class _NonDelta(torch.autograd.Function):
         dq = torch.empty(TT, H, K, device=q.device, dtype=torch.float32 if gate == 2 else q.dtype)
         dk = torch.empty(TT, H, K, device=q.device, dtype=k.dtype)
         dv = torch.empty(TT, H, V, device=q.device, dtype=v.dtype)
-        hc = torch.empty(grp.n_chunks, H, K, V, device=q.device, dtype=q.dtype) if gate else q
+        hc = q
+        if dg_needed:
+            hc = torch.empty(grp.n_chunks, H, K, V, device=q.device, dtype=q.dtype)
         g_shape, g_dtype = g_meta if gate else (None, None)
         dg = sq = dqo = q
         if gate == 2:
             dg = torch.empty(TT, H, K, device=q.device, dtype=g_dtype)
             dqo = torch.empty(TT, H, K, device=q.device, dtype=q.dtype)
-        elif gate == 1:
+        elif dg_needed:
             dg = torch.empty(nk, TT, H, **f32)
             sq = torch.empty(nk, H, TT, **f32)
         opts = _launch_opts(q.dtype, bk * bvf, bt * bvf)
-        exact_pairs = gate == 1 and _exact_pairs(q.dtype)
+        exact_pairs = gate == 1 and dg_needed and _exact_pairs(q.dtype)
         if gate:  # 4 warps measured faster than 8 on the H100 (4.13 vs 5.23 ms, scalar, 8K)
             opts["num_warps"] = env_setting("LINSCALE_KERNEL_GATED_BWD_WARPS", 4, (4, 8))
         kern.bwd_dq_kernel[(nk, G, H)](
@@ -288,6 +293,7 @@ class _NonDelta(torch.autograd.Function):
             BV=bvf,
             GATE=gate,
             EXACT_PAIRS=exact_pairs,
+            DG=dg_needed,
             **opts,
         )
         if finish is not None:
@@ -319,6 +325,7 @@ class _NonDelta(torch.autograd.Function):
             BV=bvf,
             GATE=gate,
             EXACT_PAIRS=exact_pairs,
+            DG=dg_needed,
             **opts,
         )
         kern.bwd_dv_kernel[(nv, G, H)](
@@ -342,7 +349,7 @@ class _NonDelta(torch.autograd.Function):
             **_launch_opts(q.dtype, bkf * bv, bt * bkf),
         )
         dgo = None
-        if gate == 1:
+        if gate == 1 and dg_needed:
             dgo = dg.sum(0).view(g_shape).to(g_dtype)
         elif gate == 2:
             dgo, dq = dg.view(g_shape), dqo

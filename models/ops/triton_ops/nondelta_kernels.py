@@ -17,7 +17,8 @@ gradients come from :mod:`.gla_kernels`. Backward with gates keeps one extra sta
 (``hc``, the state entering it) for the chunk-local gate gradient; GATE 1 also passes the
 per-token ``q_t . dq_t`` (per K-block, from the fp32 accumulator) from the dq to the dk kernel,
 so dq itself is stored in q's dtype, and forms its gate gradient as a sum over the token pairs
-each gate lies between (:func:`bwd_dk_kernel`). Offsets are computed in int64.
+each gate lies between (:func:`bwd_dk_kernel`); all of that only when the gate needs a gradient
+(``DG``; fixed per-head decays need none). Offsets are computed in int64.
 """
 
 from __future__ import annotations
@@ -303,13 +304,15 @@ def bwd_dq_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     EXACT_PAIRS: tl.constexpr,
+    DG: tl.constexpr,
 ):
     """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V). With gates,
     also stores one state per chunk ``hc`` ``[NC, H, K, V]`` for the gate gradient (GATE 1: the
     state entering the chunk, GATE 2: leaving it); GATE 1 also stores ``sq_t = q_t . dq_t``
     over this K-block, ``[NK, H, TT]`` fp32 (tokens contiguous), from the fp32 accumulator, of
     all of dq or (EXACT_PAIRS) only of its part through the entering state: dq itself is then
-    stored rounded to dq_ptr's dtype."""
+    stored rounded to dq_ptr's dtype. Without DG (GATE 1 only: the gate needs no gradient, as
+    for fixed per-head decays) neither ``hc`` nor ``sq`` is written."""
     pid_k, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BK + tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -324,7 +327,7 @@ def bwd_dq_kernel(
         other=0.0,
     )
     n = tl.cdiv(eos - bos, BT)
-    if GATE != 0:
+    if DG:
         _store_state(hc_ptr, h, c0, pid_h, H, K, V, offs_k, offs_v, mk, mv)
     for c in range(n):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
@@ -341,7 +344,7 @@ def bwd_dq_kernel(
             b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
             if GATE == 1:
                 sq_ptrs = sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64
-                if EXACT_PAIRS:  # q . (dq's part through the entering state) only: the dk
+                if DG and EXACT_PAIRS:  # q . (dq's part through the entering state) only: the dk
                     # kernel forms the in-chunk pairs
                     q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                     tl.store(sq_ptrs, tl.sum(q * dq, 1) * tl.exp(b) * scale, mask=mt)
@@ -350,7 +353,7 @@ def bwd_dq_kernel(
                 # the split pairs cancel term by term only then
                 da = tl.dot(do, tl.trans(v)) * (d * scale)
                 dq = dq * (tl.exp(b) * scale)[:, None] + tl.dot(da.to(dt), k)
-                if not EXACT_PAIRS:  # q . all of dq
+                if DG and not EXACT_PAIRS:  # q . all of dq
                     q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                     tl.store(sq_ptrs, tl.sum(q * dq, 1), mask=mt)
                 kg = (k * tl.exp(bl - b)[:, None]).to(dt)
@@ -367,7 +370,7 @@ def bwd_dq_kernel(
         h += tl.dot(tl.trans(kg), v)
         # with gates, keep the state entering each chunk: the next chunk's here, the first
         # chunk's before the loop
-        if GATE != 0:  # noqa: SIM102 - constexpr branch around a runtime one
+        if DG:  # noqa: SIM102 - constexpr branch around a runtime one
             if c + 1 < n:
                 _store_state(hc_ptr, h, c0 + c + 1, pid_h, H, K, V, offs_k, offs_v, mk, mv)
 
@@ -400,6 +403,7 @@ def bwd_dk_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     EXACT_PAIRS: tl.constexpr,
+    DG: tl.constexpr,
 ):
     """``dk = e^(bl-b) v dH^T + scale (v do^T * D^T) q``, backward over chunks from the adjoint
     at the group's end (BV >= V).
@@ -456,7 +460,7 @@ def bwd_dk_kernel(
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
-        if GATE != 0:
+        if DG:
             # The chunk's state (GATE 1: entering, GATE 2: leaving) meets the adjoint of the
             # leaving state first and is reduced at once, so its tile (kept in its storage
             # dtype) is dead before the chunk's other tiles are live.
@@ -484,24 +488,26 @@ def bwd_dk_kernel(
             if GATE == 1:
                 # the gate gradient as a sum over straddling pairs (see the docstring)
                 dk = dk * tl.exp(bl - b)[:, None]  # the part through the leaving state
-                k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
-                kx = tl.sum(k.to(tl.float32) * dk, 1)
-                sq = tl.load(
-                    sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64, mask=mt, other=0.0
-                )
+                if DG:
+                    k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+                    kx = tl.sum(k.to(tl.float32) * dk, 1)
+                    sq = tl.load(
+                        sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64, mask=mt, other=0.0
+                    )
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 dat = tl.dot(v, tl.trans(do)) * (d * scale)  # [j, i]: (v_j . do_i) D_ij
                 # pairs inside the chunk, m[j, i] = dat * (k_j . q_i) (this K-block): those
                 # with i >= s minus those with j >= s are the ones with j < s <= i
-                if EXACT_PAIRS:
+                if DG and EXACT_PAIRS:
                     m = dat * tl.dot(k, tl.trans(q))
                     inner = tl.sum(m, 0) - tl.sum(m, 1)
                 dk += tl.dot(dat.to(dt), q)
-                if not EXACT_PAIRS:  # sq brings sum_j m[j, i]; k . dk's own part sum_i m[j, i]
-                    inner = kx - tl.sum(k.to(tl.float32) * dk, 1)
-                dg = tl.cumsum(sq + inner, 0, reverse=True) + (tl.cumsum(kx, 0) - kx)
-                dg += tail * tl.exp(bl)
-                tl.store(dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, dg, mask=mt)
+                if DG:
+                    if not EXACT_PAIRS:  # sq: sum_j m[j, i]; k . dk's own part: sum_i m[j, i]
+                        inner = kx - tl.sum(k.to(tl.float32) * dk, 1)
+                    dg = tl.cumsum(sq + inner, 0, reverse=True) + (tl.cumsum(kx, 0) - kx)
+                    dg += tail * tl.exp(bl)
+                    tl.store(dg_ptr + (pid_k.to(tl.int64) * TT + t64) * H + pid_h, dg, mask=mt)
                 qg = (q * tl.exp(b)[:, None]).to(dt)
                 dh = dh * tl.exp(bl)
             else:
