@@ -52,7 +52,9 @@ def delta_out_kernel(
         sp, sm = _state(hc_ptr, c, h, H, K, V, offs_k, offs_v)
         st = tl.load(sp, mask=sm, other=0.0)
         acc += tl.dot((qt.to(tl.float32) * tl.exp(bb)[:, None]).to(st.dtype), st)
-    dmat = tl.exp(tl.where(r[:, None] >= r[None, :], bb[:, None] - bb[None, :], float("-inf")))
+    # rows past the chunk's end load b as 0: masked here, so that exp cannot overflow there
+    keep = (r[:, None] >= r[None, :]) & mi[:, None]
+    dmat = tl.exp(tl.where(keep, bb[:, None] - bb[None, :], float("-inf")))
     dp, vm = _tile(dlt_ptr, rows, mi, V, offs_v)
     dl = tl.load(dp, mask=vm, other=0.0)
     acc += tl.dot((qk * dmat).to(dl.dtype), dl)
