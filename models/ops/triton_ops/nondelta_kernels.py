@@ -307,8 +307,8 @@ def bwd_dq_kernel(
     DG: tl.constexpr,
 ):
     """``dq = scale (e^b do h^T + (do v^T * D) k)``, forward over chunks (BV >= V). With gates,
-    also stores one state per chunk ``hc`` ``[NC, H, K, V]`` for the gate gradient (GATE 1: the
-    state entering the chunk, GATE 2: leaving it); GATE 1 also stores ``sq_t = q_t . dq_t``
+    also stores one state per chunk ``hc`` ``[NC, H, K, V]`` for the gate gradient (the state
+    entering the chunk); GATE 1 also stores ``sq_t = q_t . dq_t``
     over this K-block, ``[NK, H, TT]`` fp32 (tokens contiguous), from the fp32 accumulator, of
     all of dq or (EXACT_PAIRS) only of its part through the entering state: dq itself is then
     stored rounded to dq_ptr's dtype. Without DG (GATE 1 only: the gate needs no gradient, as
@@ -461,16 +461,16 @@ def bwd_dk_kernel(
     for i in range(n):
         t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
         if DG:
-            # The chunk's state (GATE 1: entering, GATE 2: leaving) meets the adjoint of the
-            # leaving state first and is reduced at once, so its tile (kept in its storage
-            # dtype) is dead before the chunk's other tiles are live.
+            # The state entering the chunk meets the adjoint of the leaving state first and is
+            # reduced at once, so its tile (kept in its storage dtype) is dead before the
+            # chunk's other tiles are live.
             hc = tl.load(
                 _state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
                 mask=mk[:, None] & mv[None, :],
                 other=0.0,
             )
-            # GATE 2: d loss / d (log-scale of the chunk-end state), [BK]; GATE 1: the pairs
-            # from before the chunk to after it, without the chunk's decay (applied below)
+            # the pairs from before the chunk to after it, without the chunk's decay (applied
+            # below): [BK] for GATE 2, summed over K-block rows for GATE 1
             tail = tl.sum(hc.to(tl.float32) * dh, 1)
             if GATE == 1:
                 tail = tl.sum(tail, 0)
@@ -520,6 +520,7 @@ def bwd_dk_kernel(
                 dh = dh * tl.exp(bl)[:, None]
                 dq = _load(dq_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 _store(dqo_ptr, dq, t64, mt, pid_h, H, K, offs_k, mk)  # dq in q's dtype
+                # k again rather than kept live from above (sm_90: 452 against 668 B spilled)
                 k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
                 db = q.to(tl.float32) * dq - k * dk
                 dg = tl.sum(db, 0)[None, :] - tl.cumsum(db, 0) + db + tail[None, :]
