@@ -120,9 +120,7 @@ def chunked_cross_entropy(
             f"labels must lie in [0, {weight.shape[0]}) (the vocabulary) or equal "
             f"ignore_index={ignore_index}; got {labels[bad][:4].tolist()}"
         )
-    if hidden.dtype != weight.dtype:
-        # Under autocast the activations are bf16 while the master weight is fp32.
-        weight_c = weight.to(hidden.dtype)
-    else:
-        weight_c = weight
+    # Under autocast the activations are bf16 while the master weight is fp32 (no copy when
+    # the dtypes already agree).
+    weight_c = weight.to(hidden.dtype)
     return _ChunkedCE.apply(hidden, weight_c, labels, chunk_tokens, ignore_index)
