@@ -36,8 +36,7 @@ class Groups:
     """Work split of a packed batch: groups of whole chunks, never crossing a sequence end.
 
     bos/eos ``[G]`` int32 token ranges; seq_g0 ``[N + 1]`` int32 offsets of each sequence's
-    groups (in order); tok_seq ``[TT]`` sequence id per token (only built for varlen); cu the
-    int64 cumulative sequence lengths ``[N + 1]``.
+    groups (in order); cu the int64 cumulative sequence lengths ``[N + 1]``.
     """
 
     bos: torch.Tensor
