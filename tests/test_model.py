@@ -91,11 +91,24 @@ def test_chunked_cross_entropy_matches_torch(chunk):
 
 
 def test_chunked_loss_mixed_dtype_weight_gets_fp32_grad():
+    """bf16 activations with an fp32 master weight (autocast): the weight's gradient arrives
+    in fp32 and, like the loss and the activations' gradient, agrees with an fp64 loss on the
+    bf16-rounded weight to bf16 rounding."""
+    torch.manual_seed(3)
     h = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(11, 4, requires_grad=True)
     y = torch.randint(0, 11, (8,))
-    chunked_cross_entropy(h, w, y, chunk_tokens=3).backward()
+    y[2] = -100
+    loss = chunked_cross_entropy(h, w, y, chunk_tokens=3)
+    loss.backward()
     assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().bfloat16().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, y, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-2, atol=0)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_bad_model_args():
