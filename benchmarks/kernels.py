@@ -1,6 +1,6 @@
 """Time linscale's Triton linear-attention kernels against flash-linear-attention in one run.
 
-bf16, H = 16, K = V = 128, 65,536 tokens per step (T = 8K x B 8, 32K x B 2, 128K x B 1);
+bf16, H = 16, K = V = 128; T = 8K x B 8 and 32K x B 2 (65,536 tokens), 128K x B 1 (131,072);
 forward and forward+backward medians (``triton.testing.do_bench``), with the roofline of each
 shape: FLOPs of the chunked algorithm (chunk 64) and the fewest bytes (inputs read once,
 outputs written once), against the card's measured ceilings (shared/DESIGN.md).
