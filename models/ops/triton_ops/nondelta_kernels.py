@@ -136,11 +136,7 @@ def local_state_kernel(
         acc += tl.dot(tl.trans(x.to(y.dtype)), y)
     if REVERSE:
         acc = acc * scale
-    tl.store(
-        _state_ptrs(m_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
-        acc,
-        mask=mk[:, None] & mv[None, :],
-    )
+    _store_state(m_ptr, acc, pid_g, pid_h, H, K, V, offs_k, offs_v, mk, mv)
     if GATE == 2:  # noqa: SIM102 - constexpr branch around a runtime one
         if pid_kv % NV == 0:
             tl.store(dl_ptr + (pid_g.to(tl.int64) * H + pid_h) * K + offs_k, dl, mask=mk)
