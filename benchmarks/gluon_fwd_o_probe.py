@@ -1,0 +1,454 @@
+"""Probe: does explicit Hopper pipelining (Gluon) close the gated output kernel's gap?
+
+The scalar-decay kernels run ~30% slower than their no-decay twins at the same bytes (issue 3's
+missed "scalar decay within 1.15x"). The sm_90 TTGIR of the Triton output kernel shows why: each
+tensor-core product is awaited right after it is issued, and the next chunk's copies are issued
+at the end of the loop body, so one CTA never overlaps its loads, its products and its decay
+arithmetic. This probe writes the output kernel (``fwd_o_kernel``, GATE 0 and 1) once more in
+Gluon with the overlap spelled out, and times it against the Triton kernel on the same inputs:
+
+- the next ``STAGES - 1`` chunks' q, k, v are in flight (``cp.async``, masked, zero-filled)
+  while a chunk is computed;
+- ``q k^T`` and ``q h`` are issued together and the decay matrix and the decayed keys are
+  formed while they run;
+- ``A v`` and the state update ``k_g^T v`` are issued together and the output is stored while
+  the state update runs.
+
+It needs an H100 (Gluon has no interpreter) and Triton's Gluon API of 3.6:
+
+    PYTHONPATH=. python benchmarks/gluon_fwd_o_probe.py --out benchmarks/results/X.json
+
+Each row: the Triton and the Gluon kernel's median time (``triton.testing.do_bench``) on one
+input, and the largest difference of their outputs relative to the output's largest entry.
+Inputs: bf16, H = 16, K = V = 128, the benchmark's token counts, random states in place of the
+group scan's (the kernel only reads them), the groups the op itself would use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.ops.triton_ops import nondelta_kernels as kern  # noqa: E402
+from models.ops.triton_ops.common import make_groups  # noqa: E402
+
+SHAPES = [(8, 8192), (2, 32768), (1, 131072)]
+H, D, BT, BV = 16, 128, 64, 64
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _issue_loads(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_s,
+    k_s,
+    v_s,
+    slot,
+    c,
+    bos,
+    eos,
+    pid_h,
+    pid_v,
+    H: gl.constexpr,
+    K: gl.constexpr,
+    V: gl.constexpr,
+    BT: gl.constexpr,
+    BV: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Copy chunk ``c``'s q, k ``[BT, K]`` and v ``[BT, BV]`` into ring slot ``slot`` (rows at or
+    past ``eos`` zero-filled; a chunk past the group is all zeros) as one commit group."""
+    ld_k: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    ld_v: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    rk = bos + c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ld_k))
+    ck = gl.arange(0, K, layout=gl.SliceLayout(0, ld_k))
+    mk = (rk < eos)[:, None] & (ck < K)[None, :]
+    offk = (rk.to(gl.int64)[:, None] * H + pid_h) * K + ck[None, :]
+    cp.async_copy_global_to_shared(q_s.index(slot), q_ptr + offk, mask=mk)
+    cp.async_copy_global_to_shared(k_s.index(slot), k_ptr + offk, mask=mk)
+    rv = bos + c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ld_v))
+    cv = pid_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, ld_v))
+    mv = (rv < eos)[:, None] & (cv < V)[None, :]
+    offv = (rv.to(gl.int64)[:, None] * H + pid_h) * V + cv[None, :]
+    cp.async_copy_global_to_shared(v_s.index(slot), v_ptr + offv, mask=mv)
+    cp.commit_group()
+
+
+@gluon.jit
+def _load_b(
+    b_ptr,
+    bos,
+    eos,
+    c,
+    pid_h,
+    H: gl.constexpr,
+    BT: gl.constexpr,
+    row: gl.constexpr,
+    col: gl.constexpr,
+):
+    """Chunk ``c``'s in-chunk cumulative gate as rows and as columns, and its last entry."""
+    tr = bos + c * BT + gl.arange(0, BT, layout=row)
+    tc = bos + c * BT + gl.arange(0, BT, layout=col)
+    last = gl.minimum(bos + c * BT + BT, eos) - 1
+    br = gl.load(b_ptr + tr.to(gl.int64) * H + pid_h, mask=tr < eos, other=0.0)
+    bc = gl.load(b_ptr + tc.to(gl.int64) * H + pid_h, mask=tc < eos, other=0.0)
+    bl = gl.load(b_ptr + last.to(gl.int64) * H + pid_h, mask=last >= bos, other=0.0)
+    return br, bc, bl
+
+
+@gluon.jit
+def gluon_fwd_o_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    hs_ptr,
+    o_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: gl.constexpr,
+    K: gl.constexpr,
+    V: gl.constexpr,
+    BT: gl.constexpr,
+    BV: gl.constexpr,
+    GATE: gl.constexpr,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+    VG: gl.constexpr = False,
+    SKIP: gl.constexpr = 0,
+    KREG: gl.constexpr = False,
+    OBLK: gl.constexpr = False,
+    GLOAD: gl.constexpr = 0,
+):
+    """``o = scale (q e^b h + A v)`` chunk by chunk from the group's incoming state, as
+    ``fwd_o_kernel`` (K a power of two <= 256, GATE 0 or 1), with explicit overlap."""
+    pid_v, pid_g, pid_h = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    acc: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 64, 16]
+    )
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+    ld_k: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    ld_v: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    row: gl.constexpr = gl.SliceLayout(1, acc)
+    lin: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    col: gl.constexpr = gl.SliceLayout(0, acc)
+    qk_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, K], dt)
+    v_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BV], dt)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([K, BV], dt)
+    q_s = gl.allocate_shared_memory(dt, [STAGES, BT, K], qk_sl)
+    k_s = gl.allocate_shared_memory(dt, [STAGES, BT, K], qk_sl)
+    v_s = gl.allocate_shared_memory(dt, [STAGES, BT, BV], v_sl)
+    h_s = gl.allocate_shared_memory(dt, [K, BV], h_sl)
+    if VG:
+        vg_s = gl.allocate_shared_memory(dt, [BT, BV], v_sl)
+    elif GATE == 1 and (SKIP & 2) == 0 and not KREG:
+        kg_s = gl.allocate_shared_memory(dt, [BT, K], qk_sl)
+
+    bos = gl.load(g_bos + pid_g)
+    eos = gl.load(g_eos + pid_g)
+    n = gl.cdiv(eos - bos, BT)
+    for c0 in gl.static_range(STAGES - 1):
+        _issue_loads(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            q_s,
+            k_s,
+            v_s,
+            c0,
+            c0,
+            bos,
+            eos,
+            pid_h,
+            pid_v,
+            H,
+            K,
+            V,
+            BT,
+            BV,
+            num_warps,
+        )
+
+    rk = gl.arange(0, K, layout=row)
+    cv = pid_v * BV + gl.arange(0, BV, layout=col)
+    hoff = ((pid_g.to(gl.int64) * H + pid_h) * K + rk[:, None]) * V + cv[None, :]
+    h = gl.load(hs_ptr + hoff, mask=(rk < K)[:, None] & (cv < V)[None, :], other=0.0)
+    h_s.store(h.to(dt))
+    fence_async_shared()
+    gl.thread_barrier()
+
+    rt = gl.arange(0, BT, layout=row)
+    ct = gl.arange(0, BT, layout=col)
+    causal = rt[:, None] >= ct[None, :]
+    z_tt = gl.zeros([BT, BT], gl.float32, acc)
+    z_tv = gl.zeros([BT, BV], gl.float32, acc)
+    if GATE == 1:
+        if GLOAD == 1:  # raw gate, one chunk ahead
+            tg = bos + gl.arange(0, BT, layout=lin)
+            gg_nx = gl.load(g_ptr + tg.to(gl.int64) * H + pid_h, mask=tg < eos, other=0.0)
+        if GLOAD == 2:  # precomputed in-chunk cumulative gate, one chunk ahead, in both layouts
+            gl.static_assert(KREG)
+            b_nx, bc_nx, bl_nx = _load_b(g_ptr, bos, eos, 0, pid_h, H, BT, row, col)
+    for c in range(n):
+        slot = c % STAGES
+        _issue_loads(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            q_s,
+            k_s,
+            v_s,
+            (c + STAGES - 1) % STAGES,
+            c + STAGES - 1,
+            bos,
+            eos,
+            pid_h,
+            pid_v,
+            H,
+            K,
+            V,
+            BT,
+            BV,
+            num_warps,
+        )
+        cp.wait_group(STAGES - 1)
+        gl.thread_barrier()
+        fence_async_shared()
+        qs = q_s.index(slot)
+        ks = k_s.index(slot)
+        vs = v_s.index(slot)
+        s_tok = warpgroup_mma(qs, ks.permute((1, 0)), z_tt, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(qs, h_s, z_tv, use_acc=False, is_async=True)
+        t = bos + c * BT + rt
+        mt = t < eos
+        if GATE == 1:
+            if GLOAD == 2:
+                b, bc, bl = b_nx, bc_nx, bl_nx
+                b_nx, bc_nx, bl_nx = _load_b(g_ptr, bos, eos, c + 1, pid_h, H, BT, row, col)
+            else:
+                if GLOAD == 1:
+                    gg = gg_nx
+                    tg = bos + (c + 1) * BT + gl.arange(0, BT, layout=lin)
+                    gg_nx = gl.load(g_ptr + tg.to(gl.int64) * H + pid_h, mask=tg < eos, other=0.0)
+                else:
+                    tg = bos + c * BT + gl.arange(0, BT, layout=lin)
+                    gg = gl.load(g_ptr + tg.to(gl.int64) * H + pid_h, mask=tg < eos, other=0.0)
+                b1 = gl.associative_scan(gg.to(gl.float32), 0, _add)
+                bl = gl.sum(gg.to(gl.float32), 0)
+                b = gl.convert_layout(b1, row)
+                bc = gl.convert_layout(b1, col)
+            if SKIP & 1:
+                d = gl.where(causal, 1.0, 0.0)
+            else:
+                d = gl.exp(gl.where(causal, b[:, None] - bc[None, :], float("-inf")))
+            if VG:
+                bv_ = gl.convert_layout(b1, gl.SliceLayout(1, ld_v))
+                vreg = vs.load(ld_v).to(gl.float32)
+                vg_s.store((vreg * gl.exp(bl - bv_)[:, None]).to(dt))
+            elif KREG:
+                # decayed k^T [K, BT] straight into the A operand's registers: no shared store
+                kt = ks.permute((1, 0)).load(acc).to(gl.float32)
+                kg_r = gl.convert_layout((kt * gl.exp(bl - bc)[None, :]).to(dt), a_op)
+            elif (SKIP & 2) == 0:
+                bk = gl.convert_layout(b1, gl.SliceLayout(1, ld_k))
+                kreg = ks.load(ld_k).to(gl.float32)
+                kg_s.store((kreg * gl.exp(bl - bk)[:, None]).to(dt))
+        sc, o = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, o_tok))
+        if GATE == 1:
+            a = sc * d
+            if (SKIP & 4) == 0:
+                o = o * gl.exp(b)[:, None]
+                h = h * gl.exp(bl)
+        else:
+            a = gl.where(causal, sc, 0.0)
+        a = gl.convert_layout(a.to(dt), a_op)
+        if VG:
+            fence_async_shared()
+            gl.thread_barrier()
+            h_tok = warpgroup_mma(ks.permute((1, 0)), vg_s, h, is_async=True)
+        elif KREG:
+            h_tok = warpgroup_mma(kg_r, vs, h, is_async=True)
+        elif GATE == 1 and (SKIP & 2) == 0:
+            fence_async_shared()
+            gl.thread_barrier()
+            h_tok = warpgroup_mma(kg_s.permute((1, 0)), vs, h, is_async=True)
+        else:
+            h_tok = warpgroup_mma(ks.permute((1, 0)), vs, h, is_async=True)
+        o_tok = warpgroup_mma(a, vs, o, is_async=True)
+        o = warpgroup_mma_wait(num_outstanding=1, deps=(o_tok,))
+        if OBLK:
+            # through a row-major layout: 16-byte stores
+            ob = gl.convert_layout((o * scale).to(dt), ld_v)
+            tb = bos + c * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, ld_v))
+            cb = pid_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, ld_v))
+            ooff = (tb.to(gl.int64)[:, None] * H + pid_h) * V + cb[None, :]
+            gl.store(o_ptr + ooff, ob, mask=(tb < eos)[:, None] & (cb < V)[None, :])
+        else:
+            ooff = (t.to(gl.int64)[:, None] * H + pid_h) * V + cv[None, :]
+            gl.store(o_ptr + ooff, (o * scale).to(dt), mask=mt[:, None] & (cv < V)[None, :])
+        h = warpgroup_mma_wait(num_outstanding=0, deps=(h_tok,))
+        gl.thread_barrier()
+        h_s.store(h.to(dt))
+        fence_async_shared()
+        gl.thread_barrier()
+    cp.wait_group(0)
+
+
+def triton_fwd_o(q, k, v, g, hs, grp, gate, scale):
+    TT = q.shape[0]
+    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
+    kern.fwd_o_kernel[(D // BV, grp.n_groups, H)](
+        q,
+        k,
+        v,
+        g,
+        q,
+        hs,
+        o,
+        grp.bos,
+        grp.eos,
+        scale,
+        H=H,
+        K=D,
+        V=D,
+        BT=BT,
+        BK=D,
+        BV=BV,
+        GATE=gate,
+        num_warps=4,
+        num_stages=2,
+    )
+    return o
+
+
+def gluon_fwd_o(q, k, v, g, hs, grp, gate, scale, stages, warps=4, **variant):
+    TT = q.shape[0]
+    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
+    gluon_fwd_o_kernel[(D // BV, grp.n_groups, H)](
+        q,
+        k,
+        v,
+        g,
+        hs,
+        o,
+        grp.bos,
+        grp.eos,
+        scale,
+        H=H,
+        K=D,
+        V=D,
+        BT=BT,
+        BV=BV,
+        GATE=gate,
+        STAGES=stages,
+        num_warps=warps,
+        **variant,
+    )
+    return o
+
+
+# name: (gate(s) it applies to, launch settings, timing only: results knowingly wrong)
+VARIANTS = {
+    "s2": ((0, 1), dict(stages=2), False),
+    "s3": ((0, 1), dict(stages=3), False),
+    "vg": ((1,), dict(stages=2, VG=True), False),  # decay applied to v, not k, for the state
+    "kreg": ((1,), dict(stages=2, KREG=True), False),  # decayed k^T as a register operand
+    "oblk": ((0, 1), dict(stages=2, OBLK=True), False),  # output stored row-major
+    "kreg_oblk": ((1,), dict(stages=2, KREG=True, OBLK=True), False),
+    "kreg_oblk_gpf": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=1), False),
+    "kreg_oblk_bpre": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=2), False),
+    "no_exp_tile": ((1,), dict(stages=2, SKIP=1), True),
+    "no_kg": ((1,), dict(stages=2, SKIP=2), True),
+    "no_row_scaling": ((1,), dict(stages=2, SKIP=4), True),
+    "no_gate_work": ((1,), dict(stages=2, SKIP=7), True),
+}
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
+    args = ap.parse_args()
+    names = [x for x in args.variants.split(",") if x]
+    bad = [x for x in names if x not in VARIANTS]
+    if bad:
+        sys.exit(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    dev = torch.device("cuda")
+    rows = []
+    for B, T in SHAPES:
+        torch.manual_seed(0)
+        TT = B * T
+        kw = dict(device=dev, dtype=torch.bfloat16)
+        q, k, v = (torch.randn(TT, H, D, **kw) for _ in range(3))
+        g = F.logsigmoid(torch.randn(TT, H, device=dev)).contiguous()
+        grp = make_groups(B, T, None, chunk=BT, programs_per_group=H * (D // BV), device=dev)
+        hs = torch.randn(grp.n_groups, H, D, D, device=dev) * 0.1
+        scale = D**-0.5
+        # in-chunk inclusive cumulative gate (every group starts on a multiple of BT here)
+        bpre = g.view(TT // BT, BT, H).cumsum(1).view(TT, H).contiguous()
+        for gate in (0, 1):
+            ref = triton_fwd_o(q, k, v, g, hs, grp, gate, scale)
+            t_ref = _bench(partial(triton_fwd_o, q, k, v, g, hs, grp, gate, scale))
+            row = dict(B=B, T=T, gate=gate, groups=grp.n_groups, triton_ms=t_ref)
+            for name in names:
+                gates, opts, timing_only = VARIANTS[name]
+                if gate not in gates:
+                    continue
+                gin = bpre if opts.get("GLOAD") == 2 else g
+                try:
+                    out = gluon_fwd_o(q, k, v, gin, hs, grp, gate, scale, **opts)
+                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                    t = _bench(partial(gluon_fwd_o, q, k, v, gin, hs, grp, gate, scale, **opts))
+                    row[f"{name}_ms"] = t
+                    row[f"{name}_maxrel" + ("_wrong_by_design" if timing_only else "")] = err
+                except Exception as e:  # a compile failure of one variant is a result
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    doc = dict(
+        what="Gluon rewrite of fwd_o_kernel (GATE 0 none, 1 scalar) against the Triton kernel",
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python"] + sys.argv),
+        rows=rows,
+    )
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
