@@ -18,10 +18,16 @@ It needs an H100 (Gluon has no interpreter) and Triton's Gluon API of 3.6:
 
     PYTHONPATH=. python benchmarks/gluon_fwd_o_probe.py --out benchmarks/results/X.json
 
-Each row: the Triton and the Gluon kernel's median time (``triton.testing.do_bench``) on one
-input, and the largest difference of their outputs relative to the output's largest entry.
+Each row: the Triton kernel's median time (``triton.testing.do_bench``) on one input and, per
+variant (``--variants``, names from :data:`VARIANTS`), its time and the largest difference of
+its output from the Triton kernel's, relative to the output's largest entry. Variants: ring
+depth (``s2``, ``s3``), the output stored through a row-major layout (``oblk``), the decayed
+keys as a register operand (``kreg``) or the decay put on v (``vg``), the gate read a chunk
+ahead (``gpf``) or precomputed (``bpre``); ``tri_*`` the same ideas in plain Triton; ``no_*``
+drop a piece of the gate work to time it (wrong results by design, marked so in the JSON).
 Inputs: bf16, H = 16, K = V = 128, the benchmark's token counts, random states in place of the
-group scan's (the kernel only reads them), the groups the op itself would use.
+group scan's (the kernel only reads them), the groups the op itself would use. Results and
+what they mean: benchmarks/README.md, Kernels, "Fourteenth session".
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -384,11 +391,106 @@ VARIANTS = {
     "kreg_oblk": ((1,), dict(stages=2, KREG=True, OBLK=True), False),
     "kreg_oblk_gpf": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=1), False),
     "kreg_oblk_bpre": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=2), False),
+    "tri_v2": ((1,), dict(TRITON=True, GPF=False, KT=False), False),  # same code, own copy
+    "tri_gpf": ((1,), dict(TRITON=True, GPF=True, KT=False), False),
+    "tri_kt": ((1,), dict(TRITON=True, GPF=False, KT=True), False),
+    "tri_gpf_kt": ((1,), dict(TRITON=True, GPF=True, KT=True), False),
     "no_exp_tile": ((1,), dict(stages=2, SKIP=1), True),
     "no_kg": ((1,), dict(stages=2, SKIP=2), True),
     "no_row_scaling": ((1,), dict(stages=2, SKIP=4), True),
     "no_gate_work": ((1,), dict(stages=2, SKIP=7), True),
 }
+
+
+@triton.jit
+def triton_fwd_o_v2_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    hs_ptr,
+    o_ptr,
+    g_bos,
+    g_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GPF: tl.constexpr,
+    KT: tl.constexpr,
+):
+    """``fwd_o_kernel`` (GATE 1) with the Gluon probe's lessons in plain Triton: the gate read
+    one chunk ahead (GPF), the decayed keys formed transposed so the state update can take them
+    from registers (KT)."""
+    pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_t = tl.arange(0, BT)
+    mk, mv = offs_k < K, offs_v < V
+    causal = offs_t[:, None] >= offs_t[None, :]
+    bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
+    h = tl.load(
+        kern._state_ptrs(hs_ptr, pid_g, pid_h, H, K, V, offs_k, offs_v),
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
+    t0 = bos + offs_t
+    gg_nx = tl.load(g_ptr + t0.to(tl.int64) * H + pid_h, mask=t0 < eos, other=0.0)
+    for c in range(tl.cdiv(eos - bos, BT)):
+        t64, mt, tl64 = kern._rows(bos, eos, c, BT)
+        q = kern._load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        k = kern._load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
+        v = kern._load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
+        dt = v.dtype
+        if GPF:
+            gg = gg_nx.to(tl.float32)
+            tn = bos + (c + 1) * BT + offs_t
+            gg_nx = tl.load(g_ptr + tn.to(tl.int64) * H + pid_h, mask=tn < eos, other=0.0)
+        else:
+            gg = tl.load(g_ptr + t64 * H + pid_h, mask=mt, other=0.0).to(tl.float32)
+        b = tl.cumsum(gg, 0)
+        bl = tl.sum(gg, 0)
+        d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        a = tl.dot(q, tl.trans(k)) * d
+        o = tl.dot(q, h.to(dt)) * tl.exp(b)[:, None]
+        h = h * tl.exp(bl)
+        o += tl.dot(a.to(dt), v)
+        kern._store(o_ptr, o * scale, t64, mt, pid_h, H, V, offs_v, mv)
+        if KT:
+            kgt = (tl.trans(k) * tl.exp(bl - b)[None, :]).to(dt)
+            h += tl.dot(kgt, v)
+        else:
+            kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+            h += tl.dot(tl.trans(kg), v)
+
+
+def triton_fwd_o_v2(q, k, v, g, hs, grp, gate, scale, **flags):
+    TT = q.shape[0]
+    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
+    triton_fwd_o_v2_kernel[(D // BV, grp.n_groups, H)](
+        q,
+        k,
+        v,
+        g,
+        hs,
+        o,
+        grp.bos,
+        grp.eos,
+        scale,
+        H=H,
+        K=D,
+        V=D,
+        BT=BT,
+        BK=D,
+        BV=BV,
+        num_warps=4,
+        num_stages=2,
+        **flags,
+    )
+    return o
 
 
 def _bench(fn) -> float:
@@ -426,10 +528,14 @@ def main() -> None:
                 if gate not in gates:
                     continue
                 gin = bpre if opts.get("GLOAD") == 2 else g
+                run = gluon_fwd_o
+                if opts.get("TRITON"):
+                    run = triton_fwd_o_v2
+                    opts = {k_: v_ for k_, v_ in opts.items() if k_ != "TRITON"}
                 try:
-                    out = gluon_fwd_o(q, k, v, gin, hs, grp, gate, scale, **opts)
+                    out = run(q, k, v, gin, hs, grp, gate, scale, **opts)
                     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                    t = _bench(partial(gluon_fwd_o, q, k, v, gin, hs, grp, gate, scale, **opts))
+                    t = _bench(partial(run, q, k, v, gin, hs, grp, gate, scale, **opts))
                     row[f"{name}_ms"] = t
                     row[f"{name}_maxrel" + ("_wrong_by_design" if timing_only else "")] = err
                 except Exception as e:  # a compile failure of one variant is a result
