@@ -328,57 +328,41 @@ def gluon_fwd_o_kernel(
     cp.wait_group(0)
 
 
-def triton_fwd_o(q, k, v, g, hs, grp, gate, scale):
-    TT = q.shape[0]
-    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
-    kern.fwd_o_kernel[(D // BV, grp.n_groups, H)](
-        q,
-        k,
-        v,
-        g,
-        q,
-        hs,
-        o,
-        grp.bos,
-        grp.eos,
-        scale,
-        H=H,
-        K=D,
-        V=D,
-        BT=BT,
-        BK=D,
-        BV=BV,
-        GATE=gate,
-        num_warps=4,
-        num_stages=2,
+def _launch(kernel, ins, grp, scale, **consts):
+    """Run one output kernel over the groups: ``ins`` the pointer arguments before ``o``."""
+    q = ins[0]
+    o = torch.empty(q.shape[0], H, D, device=q.device, dtype=q.dtype)
+    kernel[(D // BV, grp.n_groups, H)](
+        *ins, o, grp.bos, grp.eos, scale, H=H, K=D, V=D, BT=BT, BV=BV, **consts
     )
     return o
 
 
-def gluon_fwd_o(q, k, v, g, hs, grp, gate, scale, stages, warps=4, **variant):
-    TT = q.shape[0]
-    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
-    gluon_fwd_o_kernel[(D // BV, grp.n_groups, H)](
-        q,
-        k,
-        v,
-        g,
-        hs,
-        o,
-        grp.bos,
-        grp.eos,
+def triton_fwd_o(q, k, v, g, hs, grp, gate, scale):
+    """The op's kernel (``a_ptr`` is only read for GATE 2)."""
+    return _launch(
+        kern.fwd_o_kernel,
+        (q, k, v, g, q, hs),
+        grp,
         scale,
-        H=H,
-        K=D,
-        V=D,
-        BT=BT,
-        BV=BV,
+        BK=D,
+        GATE=gate,
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def gluon_fwd_o(q, k, v, g, hs, grp, gate, scale, stages, warps=4, **variant):
+    return _launch(
+        gluon_fwd_o_kernel,
+        (q, k, v, g, hs),
+        grp,
+        scale,
         GATE=gate,
         STAGES=stages,
         num_warps=warps,
         **variant,
     )
-    return o
 
 
 # name: (gate(s) it applies to, launch settings, timing only: results knowingly wrong)
@@ -468,29 +452,17 @@ def triton_fwd_o_v2_kernel(
 
 
 def triton_fwd_o_v2(q, k, v, g, hs, grp, gate, scale, **flags):
-    TT = q.shape[0]
-    o = torch.empty(TT, H, D, device=q.device, dtype=q.dtype)
-    triton_fwd_o_v2_kernel[(D // BV, grp.n_groups, H)](
-        q,
-        k,
-        v,
-        g,
-        hs,
-        o,
-        grp.bos,
-        grp.eos,
+    assert gate == 1, "the v2 kernel is the scalar-decay one"
+    return _launch(
+        triton_fwd_o_v2_kernel,
+        (q, k, v, g, hs),
+        grp,
         scale,
-        H=H,
-        K=D,
-        V=D,
-        BT=BT,
         BK=D,
-        BV=BV,
         num_warps=4,
         num_stages=2,
         **flags,
     )
-    return o
 
 
 def _bench(fn) -> float:
