@@ -223,6 +223,13 @@ def gluon_fwd_o_kernel(
         if GLOAD == 2:  # precomputed in-chunk cumulative gate, one chunk ahead, in both layouts
             gl.static_assert(KREG)
             b_nx, bc_nx, bl_nx = _load_b(g_ptr, bos, eos, 0, pid_h, H, BT, row, col)
+        if GLOAD == 3:  # one log decay per head (g_ptr [H]): the decay tile formed once
+            gl.static_assert(KREG)
+            gam = gl.load(g_ptr + pid_h).to(gl.float32)
+            b_c = gam * (rt + 1).to(gl.float32)
+            bc_c = gam * (ct + 1).to(gl.float32)
+            d_c = gl.exp(gl.where(causal, b_c[:, None] - bc_c[None, :], float("-inf")))
+            eb_c = gl.exp(b_c)
     for c in range(n):
         slot = c % STAGES
         _issue_loads(
@@ -256,7 +263,11 @@ def gluon_fwd_o_kernel(
         t = bos + c * BT + rt
         mt = t < eos
         if GATE == 1:
-            if GLOAD == 2:
+            if GLOAD == 3:
+                nval = gl.minimum(eos - (bos + c * BT), BT)
+                bl = gam * nval.to(gl.float32)
+                bc = gl.where(ct < nval, bc_c, bl)  # keys past the end: factor 1 (they are 0)
+            elif GLOAD == 2:
                 b, bc, bl = b_nx, bc_nx, bl_nx
                 b_nx, bc_nx, bl_nx = _load_b(g_ptr, bos, eos, c + 1, pid_h, H, BT, row, col)
             else:
@@ -273,6 +284,8 @@ def gluon_fwd_o_kernel(
                 bc = gl.convert_layout(b1, col)
             if SKIP & 1:
                 d = gl.where(causal, 1.0, 0.0)
+            elif GLOAD == 3:
+                d = d_c
             else:
                 d = gl.exp(gl.where(causal, b[:, None] - bc[None, :], float("-inf")))
             if VG:
@@ -290,7 +303,10 @@ def gluon_fwd_o_kernel(
         sc, o = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, o_tok))
         if GATE == 1:
             a = sc * d
-            if (SKIP & 4) == 0:
+            if GLOAD == 3:
+                o = o * eb_c[:, None]
+                h = h * gl.exp(bl)
+            elif (SKIP & 4) == 0:
                 o = o * gl.exp(b)[:, None]
                 h = h * gl.exp(bl)
         else:
@@ -338,8 +354,8 @@ def _launch(kernel, ins, grp, scale, **consts):
     return o
 
 
-def triton_fwd_o(q, k, v, g, hs, grp, gate, scale):
-    """The op's kernel (``a_ptr`` is only read for GATE 2)."""
+def triton_fwd_o(q, k, v, g, hs, grp, gate, scale, head_g=False):
+    """The op's kernel (``a_ptr`` is only read for GATE 2; ``head_g``: g is ``[H]``)."""
     return _launch(
         kern.fwd_o_kernel,
         (q, k, v, g, q, hs),
@@ -347,6 +363,7 @@ def triton_fwd_o(q, k, v, g, hs, grp, gate, scale):
         scale,
         BK=D,
         GATE=gate,
+        HEAD_G=head_g,
         num_warps=4,
         num_stages=2,
     )
@@ -365,24 +382,37 @@ def gluon_fwd_o(q, k, v, g, hs, grp, gate, scale, stages, warps=4, **variant):
     )
 
 
-# name: (gate(s) it applies to, launch settings, timing only: results knowingly wrong)
+# name: (inputs it runs on: none / scalar / fixed decays, launch settings, timing only: results
+# knowingly wrong)
+ALL, GATED = ("none", "scalar", "fixed"), ("scalar", "fixed")
 VARIANTS = {
-    "s2": ((0, 1), dict(stages=2), False),
-    "s3": ((0, 1), dict(stages=3), False),
-    "vg": ((1,), dict(stages=2, VG=True), False),  # decay applied to v, not k, for the state
-    "kreg": ((1,), dict(stages=2, KREG=True), False),  # decayed k^T as a register operand
-    "oblk": ((0, 1), dict(stages=2, OBLK=True), False),  # output stored row-major
-    "kreg_oblk": ((1,), dict(stages=2, KREG=True, OBLK=True), False),
-    "kreg_oblk_gpf": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=1), False),
-    "kreg_oblk_bpre": ((1,), dict(stages=2, KREG=True, OBLK=True, GLOAD=2), False),
-    "tri_v2": ((1,), dict(TRITON=True, GPF=False, KT=False), False),  # same code, own copy
-    "tri_gpf": ((1,), dict(TRITON=True, GPF=True, KT=False), False),
-    "tri_kt": ((1,), dict(TRITON=True, GPF=False, KT=True), False),
-    "tri_gpf_kt": ((1,), dict(TRITON=True, GPF=True, KT=True), False),
-    "no_exp_tile": ((1,), dict(stages=2, SKIP=1), True),
-    "no_kg": ((1,), dict(stages=2, SKIP=2), True),
-    "no_row_scaling": ((1,), dict(stages=2, SKIP=4), True),
-    "no_gate_work": ((1,), dict(stages=2, SKIP=7), True),
+    "s2": (ALL, dict(stages=2), False),
+    "s3": (ALL, dict(stages=3), False),
+    # decay applied to v, not k, for the state
+    "vg": (GATED, dict(stages=2, VG=True), False),
+    # decayed k^T as a register operand
+    "kreg": (GATED, dict(stages=2, KREG=True), False),
+    # output stored row-major
+    "oblk": (ALL, dict(stages=2, OBLK=True), False),
+    "kreg_oblk": (GATED, dict(stages=2, KREG=True, OBLK=True), False),
+    "kreg_oblk_gpf": (GATED, dict(stages=2, KREG=True, OBLK=True, GLOAD=1), False),
+    "kreg_oblk_bpre": (GATED, dict(stages=2, KREG=True, OBLK=True, GLOAD=2), False),
+    # one log decay per head, the decay tile formed once per program
+    "const_kreg_oblk": (("fixed",), dict(stages=2, KREG=True, OBLK=True, GLOAD=3), False),
+    # plain Triton: the op's kernel copied, then the gate read ahead / keys decayed transposed
+    "tri_v2": (GATED, dict(TRITON=True, GPF=False, KT=False), False),
+    "tri_gpf": (GATED, dict(TRITON=True, GPF=True, KT=False), False),
+    "tri_kt": (GATED, dict(TRITON=True, GPF=False, KT=True), False),
+    "tri_gpf_kt": (GATED, dict(TRITON=True, GPF=True, KT=True), False),
+    "tri_const": (("fixed",), dict(TRITON=True, GPF=False, KT=False, CONST=True), False),
+    # the op's kernel with one log decay per head (HEAD_G, what the layers' fixed decays take)
+    "op_head_g": (("fixed",), dict(OP=True, head_g=True), False),
+    "tri_const_chunk": (("fixed",), dict(TRITON=True, GPF=False, KT=False, CONST=2), False),
+    "tri_const_kt": (("fixed",), dict(TRITON=True, GPF=False, KT=True, CONST=True), False),
+    "no_exp_tile": (GATED, dict(stages=2, SKIP=1), True),
+    "no_kg": (GATED, dict(stages=2, SKIP=2), True),
+    "no_row_scaling": (GATED, dict(stages=2, SKIP=4), True),
+    "no_gate_work": (GATED, dict(stages=2, SKIP=7), True),
 }
 
 
@@ -405,10 +435,12 @@ def triton_fwd_o_v2_kernel(
     BV: tl.constexpr,
     GPF: tl.constexpr,
     KT: tl.constexpr,
+    CONST: tl.constexpr = 0,
 ):
     """``fwd_o_kernel`` (GATE 1) with the Gluon probe's lessons in plain Triton: the gate read
     one chunk ahead (GPF), the decayed keys formed transposed so the state update can take them
-    from registers (KT)."""
+    from registers (KT); CONST: one log decay per head (``g_ptr`` ``[H]``), the decay tile and the
+    row factors formed once before the chunk loop (1) or per chunk from the decay alone (2)."""
     pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -422,24 +454,44 @@ def triton_fwd_o_v2_kernel(
         other=0.0,
     )
     t0 = bos + offs_t
-    gg_nx = tl.load(g_ptr + t0.to(tl.int64) * H + pid_h, mask=t0 < eos, other=0.0)
+    if CONST:
+        gam = tl.load(g_ptr + pid_h).to(tl.float32)
+        b_c = gam * (offs_t + 1).to(tl.float32)
+        d_c = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
+        eb_c = tl.exp(b_c)
+    else:
+        gg_nx = tl.load(g_ptr + t0.to(tl.int64) * H + pid_h, mask=t0 < eos, other=0.0)
     for c in range(tl.cdiv(eos - bos, BT)):
         t64, mt, tl64 = kern._rows(bos, eos, c, BT)
         q = kern._load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = kern._load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = kern._load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         dt = v.dtype
-        if GPF:
-            gg = gg_nx.to(tl.float32)
-            tn = bos + (c + 1) * BT + offs_t
-            gg_nx = tl.load(g_ptr + tn.to(tl.int64) * H + pid_h, mask=tn < eos, other=0.0)
+        if CONST == 2:  # per chunk, like the scalar gate, only without the gate's load and sums
+            nval = tl.minimum(eos - (bos + c * BT), BT)
+            bl = gam * nval.to(tl.float32)
+            b = gam * tl.minimum(offs_t + 1, nval).to(tl.float32)
+            d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+            eb = tl.exp(b)
+        elif CONST:
+            nval = tl.minimum(eos - (bos + c * BT), BT)
+            bl = gam * nval.to(tl.float32)
+            b = tl.where(offs_t < nval, b_c, bl)  # keys past the end: factor 1 (they are 0)
+            d = d_c
+            eb = eb_c
         else:
-            gg = tl.load(g_ptr + t64 * H + pid_h, mask=mt, other=0.0).to(tl.float32)
-        b = tl.cumsum(gg, 0)
-        bl = tl.sum(gg, 0)
-        d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+            if GPF:
+                gg = gg_nx.to(tl.float32)
+                tn = bos + (c + 1) * BT + offs_t
+                gg_nx = tl.load(g_ptr + tn.to(tl.int64) * H + pid_h, mask=tn < eos, other=0.0)
+            else:
+                gg = tl.load(g_ptr + t64 * H + pid_h, mask=mt, other=0.0).to(tl.float32)
+            b = tl.cumsum(gg, 0)
+            bl = tl.sum(gg, 0)
+            d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+            eb = tl.exp(b)
         a = tl.dot(q, tl.trans(k)) * d
-        o = tl.dot(q, h.to(dt)) * tl.exp(b)[:, None]
+        o = tl.dot(q, h.to(dt)) * eb[:, None]
         h = h * tl.exp(bl)
         o += tl.dot(a.to(dt), v)
         kern._store(o_ptr, o * scale, t64, mt, pid_h, H, V, offs_v, mv)
@@ -489,21 +541,26 @@ def main() -> None:
         grp = make_groups(B, T, None, chunk=BT, programs_per_group=H * (D // BV), device=dev)
         hs = torch.randn(grp.n_groups, H, D, D, device=dev) * 0.1
         scale = D**-0.5
-        # in-chunk inclusive cumulative gate (every group starts on a multiple of BT here)
-        bpre = g.view(TT // BT, BT, H).cumsum(1).view(TT, H).contiguous()
-        for gate in (0, 1):
-            ref = triton_fwd_o(q, k, v, g, hs, grp, gate, scale)
-            t_ref = _bench(partial(triton_fwd_o, q, k, v, g, hs, grp, gate, scale))
-            row = dict(B=B, T=T, gate=gate, groups=grp.n_groups, triton_ms=t_ref)
+        # fixed per-head decays (lightning / retention): the op runs them as a [TT, H] gate
+        gam = F.logsigmoid(torch.randn(H, device=dev) + 2.0)
+        gfix = gam.view(1, H).expand(TT, H).contiguous()
+        for kind, gate in (("none", 0), ("scalar", 1), ("fixed", 1)):
+            gk = gfix if kind == "fixed" else g
+            # in-chunk inclusive cumulative gate (every group starts on a multiple of BT here)
+            bpre = gk.view(TT // BT, BT, H).cumsum(1).view(TT, H).contiguous()
+            ref = triton_fwd_o(q, k, v, gk, hs, grp, gate, scale)
+            t_ref = _bench(partial(triton_fwd_o, q, k, v, gk, hs, grp, gate, scale))
+            row = dict(B=B, T=T, kind=kind, gate=gate, groups=grp.n_groups, triton_ms=t_ref)
             for name in names:
-                gates, opts, timing_only = VARIANTS[name]
-                if gate not in gates:
+                kinds, opts, timing_only = VARIANTS[name]
+                if kind not in kinds:
                     continue
-                gin = bpre if opts.get("GLOAD") == 2 else g
+                gin = gam if opts.get("GLOAD") == 3 or opts.get("CONST") or opts.get("OP") else gk
+                gin = bpre if opts.get("GLOAD") == 2 else gin
                 run = gluon_fwd_o
-                if opts.get("TRITON"):
-                    run = triton_fwd_o_v2
-                    opts = {k_: v_ for k_, v_ in opts.items() if k_ != "TRITON"}
+                if opts.get("TRITON") or opts.get("OP"):
+                    run = triton_fwd_o_v2 if opts.get("TRITON") else triton_fwd_o
+                    opts = {k_: v_ for k_, v_ in opts.items() if k_ not in ("TRITON", "OP")}
                 try:
                     out = run(q, k, v, gin, hs, grp, gate, scale, **opts)
                     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()

@@ -8,7 +8,9 @@ outputs written once), against the card's measured ceilings (shared/DESIGN.md).
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
 
 Rows: ours ``linear`` (no decay), ``scalar`` (scalar decay), ``scalar_fixed`` (scalar decay
-fixed per head, taking no gradient: lightning / retention layers), ``gla``, ``gated_delta``; theirs
+fixed per head, taking no gradient, passed expanded over B and T as the lightning / retention
+layers pass it: the per-head kernels), ``scalar_fixed_tok`` (the same values materialised: the
+per-token kernels; not in the default ``--ops``), ``gla``, ``gated_delta``; theirs
 ``fla_linear`` (``chunk_linear_attn``, normalize=False) and ``fla_gla`` (``chunk_gla``). fla's
 scalar-decay and gated-delta kernels are not timed: they miscompile on Hopper with Triton 3.6.
 """
@@ -40,7 +42,7 @@ def roofline(op: str, B: int, T: int) -> tuple[float, float, float, float]:
         fwd += 2 * n * (C * D + C * C / 2 + C * (2 * D) + D * D)  # k k^T, solve, U/W, w h
     el = 2
     io = 3 * n * D  # q, k, v
-    gates = {"linear": 0, "scalar": n, "scalar_fixed": 0, "gla": n * D, "gated_delta": 2 * n}[op]
+    gates = {"linear": 0, "scalar": n, "gla": n * D, "gated_delta": 2 * n}.get(op, 0)
     fwd_bytes = (io + n * D) * el + gates * 4
     bwd_bytes = (io + n * D + 3 * n * D) * el + 2 * gates * 4  # re-read q k v do, write dq dk dv
     return fwd, 3 * fwd, fwd_bytes, fwd_bytes + bwd_bytes
@@ -63,7 +65,11 @@ def make(op: str, B: int, T: int, device="cuda"):
     ts = [q, k, v, *extra]
     for t in ts:
         t.requires_grad_(True)
-    if op == "scalar_fixed":  # lightning's slopes, no gradient (as the layer passes them)
+    if op == "scalar_fixed":  # lightning's slopes, no gradient, expanded as the layer passes them
+        from models.layers.linear_attention import fixed_decay
+
+        ts.append(fixed_decay("lightning", H).float().to(device).view(1, 1, H).expand(B, T, H))
+    if op == "scalar_fixed_tok":  # the same values materialised: the per-token kernels
         from models.layers.linear_attention import fixed_decay
 
         g = fixed_decay("lightning", H).float().to(device).view(1, 1, H).expand(B, T, H)
@@ -76,7 +82,7 @@ def op_fn(op: str):
 
     if op == "linear":
         return lambda q, k, v: ops.chunk_linear_attn(q, k, v, backend="triton")[0]
-    if op in ("scalar", "scalar_fixed"):
+    if op in ("scalar", "scalar_fixed", "scalar_fixed_tok"):
         return lambda q, k, v, g: ops.chunk_linear_attn(q, k, v, g, backend="triton")[0]
     if op == "gla":
         return lambda q, k, v, g: ops.chunk_gla(q, k, v, g, backend="triton")[0]
@@ -153,8 +159,8 @@ def main() -> None:
         "--env-variants",
         default="",
         help="e.g. 'w4:LINSCALE_KERNEL_GATED_BWD_WARPS=4;b:A=1,B=2': extra rows of ours (those "
-        "of --ops among linear, scalar, scalar_fixed and gla, at the first shape) under these "
-        "settings",
+        "of --ops among linear, scalar, scalar_fixed(_tok) and gla, at the first shape) under "
+        "these settings",
     )
     ap.add_argument(
         "--profile",
@@ -193,7 +199,7 @@ def main() -> None:
         pairs = [s.split("=", 1) for s in settings.split(",")]
         for name, val in pairs:
             os.environ[name] = val
-        ours = ("linear", "scalar", "scalar_fixed", "gla")
+        ours = ("linear", "scalar", "scalar_fixed", "scalar_fixed_tok", "gla")
         for op in [o for o in args.ops.split(",") if o in ours]:
             B, T = shapes[0]
             try:

@@ -93,6 +93,8 @@ def test_kernel_vs_fp32_reference(
         from models.layers.linear_attention import fixed_decay
 
         x["g"] = fixed_decay("lightning", H).float().cuda().view(1, 1, H).expand(B, T, H)
+        if fixed_g == "materialised":  # the same values per token: the per-token kernels
+            x["g"] = x["g"].contiguous()
         frozen = ("g",)
     gen = torch.Generator(device="cuda").manual_seed(1)
     wo = torch.randn(B, T, H, V, device="cuda", generator=gen)
@@ -118,12 +120,15 @@ def test_fp16_inputs(variant, shape):
     test_kernel_vs_fp32_reference(variant, shape, torch.float16)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "materialised"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}H{s[2]}docs{s[3]}")
-def test_scalar_fixed_gates(shape, dtype):
+def test_scalar_fixed_gates(shape, dtype, layout):
     """Scalar decay whose gate takes no gradient (lightning's fixed per-head slopes): the
-    backward skips the gate-gradient work (no per-chunk state, no q . dq, no dg)."""
-    test_kernel_vs_fp32_reference("scalar", shape, dtype, fixed_g=True)
+    backward skips the gate-gradient work (no per-chunk state, no q . dq, no dg). Passed as the
+    layer passes it (a ``[H]`` vector expanded over B and T) it takes the per-head kernels;
+    materialised, the per-token ones."""
+    test_kernel_vs_fp32_reference("scalar", shape, dtype, fixed_g=layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -61,6 +61,12 @@ CASES = {
         # retention pass): the backward then skips the gate-gradient work
         ("scalar_fixedg_docs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("scalar_fixedg_multichunk", "scalar", 1, 300, 1, 96, 16, None, 128, False),
+        # "_headg": one fixed log decay per head, passed as a view expanded over B and T (as
+        # the lightning and retention layers pass it): the kernels form the decays from the
+        # [H] vector; ragged chunks, documents, two K-blocks, decays x 30 ("_strongg")
+        ("scalar_headg_docs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
+        ("scalar_headg_k96_batch", "scalar", 2, 300, 1, 96, 16, None, 128, False),
+        ("scalar_headg_strongg_ragged", "scalar", 1, 250, 2, 16, 24, None, 64, True),
         ("gla_multichunk_groups_varlen", "gla", 1, 330, 1, 16, 16, [0, 270, 330], 128, True),
         # ids with "_v2" run the 16-row-block kernels (LINSCALE_GLA_INTRA=v2), the v3 fallback
         ("gla_v2", "gla", 2, 150, 2, 32, 16, None, 64, True),
@@ -83,6 +89,7 @@ CASES = {
         ("scalar_fp16_strongg_exactpairs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("scalar_fp16", "scalar", 2, 130, 1, 32, 16, None, 64, True),
         ("scalar_fp16_fixedg", "scalar", 2, 130, 1, 32, 16, None, 64, True),
+        ("scalar_fp16_headg_docs", "scalar", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("gla_fp16_strongg", "gla", 1, 250, 2, 32, 24, [0, 100, 250], 64, True),
         ("gla_fp16", "gla", 2, 130, 1, 32, 16, None, 64, True),
         # "_longgroups": 11 chunks in one group, or documents cut into groups of 4 chunks:
@@ -148,7 +155,17 @@ def main(family: str) -> None:
     from _cases import check_against_naive, make_inputs
 
     import models.ops.triton_ops as mod
+    from models.ops.triton_ops import nondelta
 
+    # which gates the op took for one log decay per head (the "_headg" cases must)
+    per_head_seen: list[bool] = []
+    per_head = nondelta._per_head
+
+    def spy(g):
+        per_head_seen.append(per_head(g))
+        return per_head_seen[-1]
+
+    nondelta._per_head = spy
     out = {}
     for cid, variant, B, T, H, K, V, n_docs, gt, with_state in CASES[family]:
         if gt is None:
@@ -182,6 +199,9 @@ def main(family: str) -> None:
         if "_strongg" in cid:
             gate = "g" if "g" in x else "gk"
             x[gate] = x[gate] * 30
+        if "_headg" in cid:
+            x["g"] = x["g"][0, 0].clone().view(1, 1, H).expand(B, T, H)
+        per_head_seen.clear()
         try:
             out[cid] = check_against_naive(
                 mod,
@@ -190,8 +210,10 @@ def main(family: str) -> None:
                 cu,
                 tol=float("inf"),
                 with_state=with_state,
-                frozen=("g",) if "_fixedg" in cid else (),
+                frozen=("g",) if "_fixedg" in cid or "_headg" in cid else (),
             )
+            if variant == "scalar":
+                out[cid]["per_head_path"] = any(per_head_seen)
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
             out[cid] = f"{type(exc).__name__}: {exc}"
     print("RESULT " + json.dumps(out))

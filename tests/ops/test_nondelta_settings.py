@@ -33,3 +33,18 @@ def test_scalar_pairs_setting_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("LINSCALE_KERNEL_SCALAR_PAIRS", "fp32")
     with pytest.raises(ValueError, match="LINSCALE_KERNEL_SCALAR_PAIRS='fp32'.*auto, exact, split"):
         nondelta._exact_pairs(torch.float32)
+
+
+def test_per_head_gate_detection():
+    """One log decay per head is recognised from the strides of a view expanded over B and T
+    (how the lightning and retention layers pass it); anything that may vary per token or per
+    sequence takes the per-token kernels."""
+    H = 3
+    per_head = torch.randn(H).view(1, 1, H)
+    assert nondelta._per_head(per_head.expand(2, 5, H))
+    assert nondelta._per_head(per_head.expand(1, 5, H))  # packed documents (cu_seqlens)
+    assert nondelta._per_head(per_head.expand(2, 5, H)[:, 1:4])  # a slice of it
+    assert nondelta._per_head(torch.randn(1, 1, H))  # one token: its gate is the decay
+    assert not nondelta._per_head(per_head.expand(2, 5, H).contiguous())  # materialised
+    assert not nondelta._per_head(torch.randn(2, 5, H))  # per token
+    assert not nondelta._per_head(torch.randn(2, 1, H).expand(2, 5, H))  # per sequence

@@ -15,7 +15,8 @@ def lasp2_inputs(
 ):
     """``q, k [2, T, 2, K]``, ``v [2, T, 2, V]`` and ``gates`` (a 1-tuple: None for "linear",
     a scalar log gate ``[2, T, 2]`` for "scalar", a per-channel one ``[2, T, 2, K]`` for
-    "gla"; ``logsigmoid(randn + gate_shift)``)."""
+    "gla"; ``logsigmoid(randn + gate_shift)``; for "fixed" one log decay per head expanded
+    over B and T, as the lightning and retention layers pass theirs, taking no gradient)."""
     g = torch.Generator().manual_seed(seed)
     B, H = 2, 2
     q, k = (torch.randn(B, T, H, K, generator=g, dtype=dtype) for _ in range(2))
@@ -24,6 +25,9 @@ def lasp2_inputs(
         gates = (None,)
     elif family == "scalar":
         gates = (F.logsigmoid(torch.randn(B, T, H, generator=g, dtype=dtype) + gate_shift),)
+    elif family == "fixed":
+        per_head = F.logsigmoid(torch.randn(H, generator=g, dtype=dtype) + gate_shift)
+        gates = (per_head.view(1, 1, H).expand(B, T, H),)
     else:
         gates = (F.logsigmoid(torch.randn(B, T, H, K, generator=g, dtype=dtype) + gate_shift),)
     return q, k, v, gates
@@ -36,12 +40,15 @@ def output_weight(o_shape) -> torch.Tensor:
 
 def naive_reference(family, q, k, v, gates):
     """The fp64 naive recurrence's output and the gradients of ``sum(o * w)`` for q, k, v and
-    the gate (when there is one)."""
+    the gate (when there is one that takes a gradient)."""
     from models.ops import naive_gla, naive_linear_attn
 
     fn = naive_gla if family == "gla" else naive_linear_attn
-    leaves = [t.double().clone().requires_grad_() for t in (q, k, v, *gates) if t is not None]
+    trained = gates if family != "fixed" else ()
+    leaves = [t.double().clone().requires_grad_() for t in (q, k, v, *trained) if t is not None]
     args = leaves[:3] + ([leaves[3]] if len(leaves) > 3 else [None])
+    if family == "fixed":
+        args[3] = gates[0].double()
     o, _ = fn(*args)
     (o * output_weight(o.shape)).sum().backward()
     return o.detach(), [t.grad for t in leaves]
@@ -56,11 +63,16 @@ def serial_rank_run(rank, world, family, layout, q, k, v, gates):
     from parallel.sequence_shard import shard_sequence
 
     kw = {"dim": 1, "rank": rank, "world": world, "layout": layout}
+    trained = gates if family != "fixed" else ()
     local = [
-        shard_sequence(t, **kw).clone().requires_grad_() for t in (q, k, v, *gates) if t is not None
+        shard_sequence(t, **kw).clone().requires_grad_()
+        for t in (q, k, v, *trained)
+        if t is not None
     ]
     fn = lasp2_gla if family == "gla" else lasp2_linear_attn
     args = local[:3] + ([local[3]] if len(local) > 3 else [None])
+    if family == "fixed":  # the per-head view at the local length, as the layer builds it
+        args[3] = gates[0].narrow(1, 0, local[0].shape[1])
     o = fn(*args, group=dist.group.WORLD, layout=layout, schedule="serial")
     w = shard_sequence(output_weight((q.shape[0], q.shape[1], q.shape[2], v.shape[-1])), **kw)
     (o.double() * w).sum().backward()

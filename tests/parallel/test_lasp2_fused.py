@@ -1,7 +1,7 @@
 """LASP-2 inside the Triton op (the serial schedule's exchange form, ``models.ops.exchange_op``)
 is exact: forward and every gradient against the fp64 naive recurrence, W = 2 and 3, both
-layouts, no decay / scalar / GLA, several chunks and groups per slice with a ragged last chunk
-(Triton interpreter on CPU, gloo)."""
+layouts, no decay / scalar / fixed per-head decays (the per-head kernels) / GLA, several chunks
+and groups per slice with a ragged last chunk (Triton interpreter on CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _worker(rank, world, family, layout, T):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("family", ["linear", "scalar", "gla"])
+@pytest.mark.parametrize("family", ["linear", "scalar", "fixed", "gla"])
 def test_lasp2_in_the_op_is_exact(world, layout, family):
     from parallel.sequence_shard import shard_sequence
 

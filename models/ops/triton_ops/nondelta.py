@@ -61,6 +61,18 @@ def _exact_pairs(dtype) -> bool:
     return mode == "exact" or (mode == "auto" and dtype == torch.float32)
 
 
+def _per_head(g: torch.Tensor) -> bool:
+    """Whether the scalar gate ``g`` ``[B, T, H]`` is one log decay per head, seen from its
+    strides: a view expanded over B and T (stride 0), as the lightning and retention layers pass
+    their fixed decays. The kernels then form the in-chunk decays from the ``[H]`` vector (no
+    per-token loads or sums). A materialised copy of the same values takes the per-token path."""
+    return (
+        g.dim() == 3
+        and (g.shape[1] == 1 or g.stride(1) == 0)
+        and (g.shape[0] == 1 or g.stride(0) == 0)
+    )
+
+
 def _launch_opts(dtype, *tiles: int) -> dict:
     # fp32 tiles are twice the bytes: one pipeline stage keeps them inside shared memory.
     return dict(
@@ -106,7 +118,11 @@ class _NonDelta(torch.autograd.Function):
         grp = make_groups(B, T, cu_seqlens, chunk=bt, programs_per_group=H * nv, device=q.device)
         G, N = grp.n_groups, grp.n_seq
         q, k, v = (x.contiguous().view(TT, H, -1) for x in (q, k, v))
-        gf = g.contiguous().view(TT, H, *g.shape[3:]) if g is not None else q
+        head_g = gate == 1 and not ctx.needs_input_grad[3] and _per_head(g)
+        if head_g:
+            gf = g[0, 0].float().contiguous()  # [H]: one log decay per head
+        else:
+            gf = g.contiguous().view(TT, H, *g.shape[3:]) if g is not None else q
         f32 = dict(device=q.device, dtype=torch.float32)
         a = q
         cgrp = None
@@ -136,6 +152,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=sbv,
             GATE=gate,
+            HEAD_G=head_g,
             REVERSE=False,
             **_launch_opts(q.dtype, bk * sbv),
         )
@@ -172,6 +189,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bkf,
             BV=bv,
             GATE=gate,
+            HEAD_G=head_g,
             **_launch_opts(q.dtype, bkf * bv, bt * bkf),
         )
         ctx.exchange = exchange
@@ -187,13 +205,14 @@ class _NonDelta(torch.autograd.Function):
             grp,
             cgrp,
             None if g is None else (g.shape, g.dtype),
+            head_g,
         )
         return o.view(B, T, H, V), (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gf, h0, a, hs, dl = ctx.saved_tensors
-        B, T, H, K, V, scale, gate, grp, cgrp, g_meta = ctx.meta
+        B, T, H, K, V, scale, gate, grp, cgrp, g_meta, head_g = ctx.meta
         TT = B * T
         bt = _BT
         bkf, bvf, bk, bv = _config(K, V)
@@ -219,6 +238,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=sbv,
             GATE=gate,
+            HEAD_G=head_g,
             REVERSE=True,
             **_launch_opts(q.dtype, bk * sbv),
         )
@@ -292,6 +312,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=bvf,
             GATE=gate,
+            HEAD_G=head_g,
             EXACT_PAIRS=exact_pairs,
             DG=dg_needed,
             **opts,
@@ -324,6 +345,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bk,
             BV=bvf,
             GATE=gate,
+            HEAD_G=head_g,
             EXACT_PAIRS=exact_pairs,
             DG=dg_needed,
             **opts,
@@ -346,6 +368,7 @@ class _NonDelta(torch.autograd.Function):
             BK=bkf,
             BV=bv,
             GATE=gate,
+            HEAD_G=head_g,
             **_launch_opts(q.dtype, bkf * bv, bt * bkf),
         )
         dgo = None

@@ -94,6 +94,7 @@ def local_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
     """Group-local state from a zero start. Forward: ``M = sum_c decay * (k e^(bl-b))^T v``.
@@ -115,10 +116,11 @@ def local_state_kernel(
     for i in range(n):
         c = n - 1 - i if REVERSE else i
         t64, mt, tl64 = _rows(bos, eos, c, BT)
+        t0 = bos + c * BT
         x = _load(x_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
         y = _load(y_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         if GATE == 1:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if REVERSE:
                 x = x * tl.exp(b)[:, None]
             else:
@@ -126,7 +128,7 @@ def local_state_kernel(
             acc = acc * tl.exp(bl)
             dl += bl
         elif GATE == 2:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if REVERSE:
                 x = x * tl.exp(b)
             else:
@@ -196,14 +198,36 @@ def group_scan_kernel(
 
 @triton.jit
 def _gates(
-    g_ptr, t64, mt, tl64, h, H: tl.constexpr, K: tl.constexpr, offs_k, mk, GATE: tl.constexpr
+    g_ptr,
+    t64,
+    mt,
+    tl64,
+    t0,
+    h,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    offs_k,
+    mk,
+    GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
+    BT: tl.constexpr,
 ):
-    """In-chunk inclusive cumulative log gate b and its chunk total bl. GATE 1: from the raw
-    scalar gate; GATE 2: g_ptr holds the fp32 in-chunk cumulative gate (chunk_cumsum_kernel)."""
+    """In-chunk inclusive cumulative log gate b and its chunk total bl (chunk rows ``t64`` from
+    token ``t0``, last valid row ``tl64``; rows past it get ``b = bl``, as a zero gate would
+    give them). GATE 1: from the raw scalar gate ``[TT, H]``, or with HEAD_G from one log decay
+    per head (``g_ptr`` ``[H]``: ``b = g * position``, no load per token, no sums); GATE 2:
+    g_ptr holds the fp32 in-chunk cumulative gate (chunk_cumsum_kernel)."""
     if GATE == 2:
         b = _load(g_ptr, t64, mt, h, H, K, offs_k, mk)
         bl = tl.load(g_ptr + (tl64 * H + h) * K + offs_k, mask=mk, other=0.0)
         return b, bl
+    elif HEAD_G:
+        # positions from an arange, not from t64: the compiler forms them in whatever layout
+        # each use needs (deriving them from t64 converted layouts and cost ~3% f+b)
+        gam = tl.load(g_ptr + h).to(tl.float32)
+        nval = (tl64 - t0 + 1).to(tl.int32)
+        pos = tl.minimum(tl.arange(0, BT) + 1, nval).to(tl.float32)
+        return gam * pos, gam * nval.to(tl.float32)
     else:
         gg = tl.load(g_ptr + t64 * H + h, mask=mt, other=0.0).to(tl.float32)
         return tl.cumsum(gg, 0), tl.sum(gg, 0)
@@ -228,6 +252,7 @@ def fwd_o_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
 ):
     """``o = scale (q e^b h + A v)`` chunk by chunk from the group's incoming state (BK >= K)."""
     pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -244,6 +269,7 @@ def fwd_o_kernel(
     )
     for c in range(tl.cdiv(eos - bos, BT)):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
+        t0 = bos + c * BT
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -251,15 +277,17 @@ def fwd_o_kernel(
         if GATE == 0:
             a = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
             o = tl.dot(q, h.to(dt))
-            kg = k
+            kg, vg = k, v
         else:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if GATE == 1:
                 d = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
                 a = tl.dot(q, tl.trans(k)) * d
                 # a scalar gate scales whole rows: apply it to the product, not to q
                 o = tl.dot(q, h.to(dt)) * tl.exp(b)[:, None]
-                kg = (k * tl.exp(bl - b)[:, None]).to(dt)
+                # the decay to the chunk end scales rows of k^T v: put it on v's [BT, BV] tile,
+                # half of k's [BT, K] (the product then takes k from shared memory unchanged)
+                kg, vg = k, (v * tl.exp(bl - b)[:, None]).to(dt)
                 h = h * tl.exp(bl)
             else:
                 a = tl.load(
@@ -268,11 +296,11 @@ def fwd_o_kernel(
                     other=0.0,
                 )
                 o = tl.dot((q * tl.exp(b)).to(dt), h.to(dt))
-                kg = (k * tl.exp(bl[None, :] - b)).to(dt)
+                kg, vg = (k * tl.exp(bl[None, :] - b)).to(dt), v
                 h = h * tl.exp(bl)[:, None]
         o += tl.dot(a.to(dt), v)
         _store(o_ptr, o * scale, t64, mt, pid_h, H, V, offs_v, mv)
-        h += tl.dot(tl.trans(kg), v)
+        h += tl.dot(tl.trans(kg), vg)
 
 
 @triton.jit
@@ -299,6 +327,7 @@ def bwd_dq_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
     EXACT_PAIRS: tl.constexpr,
     DG: tl.constexpr,
 ):
@@ -327,6 +356,7 @@ def bwd_dq_kernel(
         _store_state(hc_ptr, h, c0, pid_h, H, K, V, offs_k, offs_v, mk, mv)
     for c in range(n):
         t64, mt, tl64 = _rows(bos, eos, c, BT)
+        t0 = bos + c * BT
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -337,7 +367,7 @@ def bwd_dq_kernel(
             dq += tl.dot(da.to(dt), k)
             kg = k
         else:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if GATE == 1:
                 sq_ptrs = sq_ptr + (pid_k.to(tl.int64) * H + pid_h) * TT + t64
                 if DG and EXACT_PAIRS:  # q . (dq's part through the entering state) only: the dk
@@ -398,6 +428,7 @@ def bwd_dk_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
     EXACT_PAIRS: tl.constexpr,
     DG: tl.constexpr,
 ):
@@ -455,7 +486,9 @@ def bwd_dk_kernel(
     )
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
-        t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
+        c = n - 1 - i
+        t64, mt, tl64 = _rows(bos, eos, c, BT)
+        t0 = bos + c * BT
         if DG:
             # The state entering the chunk meets the adjoint of the leaving state first and is
             # reduced at once, so its tile (kept in its storage dtype) is dead before the
@@ -480,7 +513,7 @@ def bwd_dk_kernel(
             dk += scale * tl.dot(dat.to(dt), q)
             qg = q
         else:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if GATE == 1:
                 # the gate gradient as a sum over straddling pairs (see the docstring)
                 dk = dk * tl.exp(bl - b)[:, None]  # the part through the leaving state
@@ -544,6 +577,7 @@ def bwd_dv_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    HEAD_G: tl.constexpr,
 ):
     """``dv = scale A^T do + (k e^(bl-b)) dH``, backward over chunks (BK >= K)."""
     pid_v, pid_g, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -560,21 +594,25 @@ def bwd_dv_kernel(
     )
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
-        t64, mt, tl64 = _rows(bos, eos, n - 1 - i, BT)
+        c = n - 1 - i
+        t64, mt, tl64 = _rows(bos, eos, c, BT)
+        t0 = bos + c * BT
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         dt = do.dtype
         if GATE == 0:
             at = tl.where(anti, tl.dot(k, tl.trans(q)), 0.0)
-            kg, qg = k, q
+            kg, qg, dog = k, q, do
         else:
-            b, bl = _gates(g_ptr, t64, mt, tl64, pid_h, H, K, offs_k, mk, GATE)
+            b, bl = _gates(g_ptr, t64, mt, tl64, t0, pid_h, H, K, offs_k, mk, GATE, HEAD_G, BT)
             if GATE == 1:
                 d = tl.exp(tl.where(anti, b[None, :] - b[:, None], float("-inf")))
                 at = tl.dot(k, tl.trans(q)) * d
                 kg = k  # its decay to the chunk end scales whole rows of dv: applied below
-                qg = (q * tl.exp(b)[:, None]).to(dt)
+                # q's decay from the chunk start scales rows of q^T do: put it on do's
+                # [BT, BV] tile, half of q's [BT, K]
+                qg, dog = q, (do * tl.exp(b)[:, None]).to(dt)
             else:
                 at = tl.trans(
                     tl.load(
@@ -584,7 +622,7 @@ def bwd_dv_kernel(
                     )
                 )
                 kg = (k * tl.exp(bl[None, :] - b)).to(dt)
-                qg = (q * tl.exp(b)).to(dt)
+                qg, dog = (q * tl.exp(b)).to(dt), do
         # dh is the adjoint of the state at this chunk's end: use it, then carry it back.
         kdh = tl.dot(kg, dh.to(dt))
         if GATE == 1:
@@ -595,4 +633,4 @@ def bwd_dv_kernel(
         elif GATE == 2:
             dh = dh * tl.exp(bl)[:, None]
         _store(dv_ptr, dv, t64, mt, pid_h, H, V, offs_v, mv)
-        dh += scale * tl.dot(tl.trans(qg), do)
+        dh += scale * tl.dot(tl.trans(qg), dog)
