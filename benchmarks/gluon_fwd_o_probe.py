@@ -462,7 +462,7 @@ def triton_fwd_o_v2_kernel(
     else:
         gg_nx = tl.load(g_ptr + t0.to(tl.int64) * H + pid_h, mask=t0 < eos, other=0.0)
     for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt, tl64 = kern._rows(bos, eos, c, BT)
+        t64, mt, tl64, _t0 = kern._rows(bos, eos, c, BT)
         q = kern._load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = kern._load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = kern._load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)

@@ -406,7 +406,7 @@ def gla_intra_fwd_v3_kernel(
     zeros); the grid is (chunks, H)."""
     pid_g, pid_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    t64, mt, _last = _rows(bos, eos, 0, BT)
+    t64, mt, _last, _t0 = _rows(bos, eos, 0, BT)
     offs_t = tl.arange(0, BT)
     if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         a = tl.zeros([BT, BT], tl.float32)
@@ -450,7 +450,7 @@ def gla_intra_bwd_v3_kernel(
     """Intra-chunk dq and dk of one chunk, fp32 ``[TT, H, K]``; the grid is (chunks, H)."""
     pid_g, pid_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(g_bos + pid_g), tl.load(g_eos + pid_g)
-    t64, mt, _last = _rows(bos, eos, 0, BT)
+    t64, mt, _last, _t0 = _rows(bos, eos, 0, BT)
     offs_t = tl.arange(0, BT)
     if _chunk_factors(b_ptr, bos, eos, pid_h, H, K, BK, BKS, DIAG_RANGE):
         da = tl.zeros([BT, BT], tl.float32)

@@ -40,9 +40,12 @@ __all__ = [
 
 @triton.jit
 def _rows(bos, eos, c, BT: tl.constexpr):
-    t = bos + c * BT + tl.arange(0, BT)
-    last = tl.minimum(bos + c * BT + BT, eos) - 1
-    return t.to(tl.int64), t < eos, last.to(tl.int64)
+    """Chunk ``c`` of the group ``[bos, eos)``: its rows (int64), their mask, its last valid
+    row (int64) and its first token."""
+    t0 = bos + c * BT
+    t = t0 + tl.arange(0, BT)
+    last = tl.minimum(t0 + BT, eos) - 1
+    return t.to(tl.int64), t < eos, last.to(tl.int64), t0
 
 
 @triton.jit
@@ -117,8 +120,7 @@ def local_state_kernel(
         dl = tl.zeros([1], tl.float32)
     for i in range(n):
         c = n - 1 - i if REVERSE else i
-        t64, mt, tl64 = _rows(bos, eos, c, BT)
-        t0 = bos + c * BT
+        t64, mt, tl64, t0 = _rows(bos, eos, c, BT)
         x = _load(x_ptr, t64, mt, pid_h, H, K, offs_k, mk).to(tl.float32)
         y = _load(y_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         if GATE == 1:
@@ -271,8 +273,7 @@ def fwd_o_kernel(
         other=0.0,
     )
     for c in range(tl.cdiv(eos - bos, BT)):
-        t64, mt, tl64 = _rows(bos, eos, c, BT)
-        t0 = bos + c * BT
+        t64, mt, tl64, t0 = _rows(bos, eos, c, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -358,8 +359,7 @@ def bwd_dq_kernel(
     if DG:
         _store_state(hc_ptr, h, c0, pid_h, H, K, V, offs_k, offs_v, mk, mv)
     for c in range(n):
-        t64, mt, tl64 = _rows(bos, eos, c, BT)
-        t0 = bos + c * BT
+        t64, mt, tl64, t0 = _rows(bos, eos, c, BT)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         v = _load(v_ptr, t64, mt, pid_h, H, V, offs_v, mv)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
@@ -490,14 +490,13 @@ def bwd_dk_kernel(
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         c = n - 1 - i
-        t64, mt, tl64 = _rows(bos, eos, c, BT)
-        t0 = bos + c * BT
+        t64, mt, tl64, t0 = _rows(bos, eos, c, BT)
         if DG:
             # The state entering the chunk meets the adjoint of the leaving state first and is
             # reduced at once, so its tile (kept in its storage dtype) is dead before the
             # chunk's other tiles are live.
             hc = tl.load(
-                _state_ptrs(hc_ptr, c0 + n - 1 - i, pid_h, H, K, V, offs_k, offs_v),
+                _state_ptrs(hc_ptr, c0 + c, pid_h, H, K, V, offs_k, offs_v),
                 mask=mk[:, None] & mv[None, :],
                 other=0.0,
             )
@@ -598,8 +597,7 @@ def bwd_dv_kernel(
     n = tl.cdiv(eos - bos, BT)
     for i in range(n):
         c = n - 1 - i
-        t64, mt, tl64 = _rows(bos, eos, c, BT)
-        t0 = bos + c * BT
+        t64, mt, tl64, t0 = _rows(bos, eos, c, BT)
         q = _load(q_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         k = _load(k_ptr, t64, mt, pid_h, H, K, offs_k, mk)
         do = _load(do_ptr, t64, mt, pid_h, H, V, offs_v, mv)
