@@ -221,7 +221,8 @@ def _install(rec: Recorder) -> None:
 
 
 # (kind, dtype, K, V, varlen, state, env); kind "scalar_fixed" is scalar decay with a gate that
-# takes no gradient. Head sizes 128, 256 and 64 / 192; 128 / 256 and
+# takes no gradient, "scalar_head" one log decay per head expanded over T (the per-head kernels,
+# HEAD_G). Head sizes 128, 256 and 64 / 192; 128 / 256 and
 # 64 / 192 with states are what LASP-2's gated delta rule passes (values [v | 0], K + V wide).
 # T = 320: five chunks of 64 in two groups; varlen: three documents in 300 tokens (a count
 # that is not a multiple of 16, which changes the integer specialisations).
@@ -274,6 +275,8 @@ CASES += [
     # scalar decay whose gate takes no gradient (the dq / dk kernels without the gate gradient)
     ("scalar_fixed", "bf16", 128, 128, False, False, {}),
     ("scalar_fixed", "fp32", 128, 128, True, True, {}),
+    ("scalar_head", "bf16", 128, 128, False, False, {}),
+    ("scalar_head", "fp32", 128, 128, True, True, {}),
 ]
 
 
@@ -291,6 +294,8 @@ def _inputs(kind, T, H, K, V, dtype, *, cu=None, state=False, seed=0):
     # Gates and beta stay fp32, as the layers pass them (models/layers/linear_attention.py).
     if kind in ("scalar", "scalar_fixed", "gated_delta"):
         x["g"] = F.logsigmoid(rn(1, T, H) + 2).requires_grad_(kind != "scalar_fixed")
+    if kind == "scalar_head":
+        x["g"] = F.logsigmoid(rn(H) + 2).view(1, 1, H).expand(1, T, H)
     if kind == "gla":
         x["gk"] = F.logsigmoid(rn(1, T, H, K) + 2).requires_grad_()
     if kind in ("delta", "gated_delta"):
@@ -310,7 +315,7 @@ def _inputs(kind, T, H, K, V, dtype, *, cu=None, state=False, seed=0):
 def _run_op(kind, x, kw) -> None:
     import models.ops as ops
 
-    if kind in ("linear", "scalar", "scalar_fixed"):
+    if kind in ("linear", "scalar", "scalar_fixed", "scalar_head"):
         o, ht = ops.chunk_linear_attn(x["q"], x["k"], x["v"], x.get("g"), backend="triton", **kw)
     elif kind == "gla":
         o, ht = ops.chunk_gla(x["q"], x["k"], x["v"], x["gk"], backend="triton", **kw)
