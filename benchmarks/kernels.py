@@ -65,15 +65,13 @@ def make(op: str, B: int, T: int, device="cuda"):
     ts = [q, k, v, *extra]
     for t in ts:
         t.requires_grad_(True)
-    if op == "scalar_fixed":  # lightning's slopes, no gradient, expanded as the layer passes them
-        from models.layers.linear_attention import fixed_decay
-
-        ts.append(fixed_decay("lightning", H).float().to(device).view(1, 1, H).expand(B, T, H))
-    if op == "scalar_fixed_tok":  # the same values materialised: the per-token kernels
+    if op in ("scalar_fixed", "scalar_fixed_tok"):
+        # lightning's slopes, no gradient, expanded as the layer passes them (the per-head
+        # kernels); "_tok": the same values materialised (the per-token kernels)
         from models.layers.linear_attention import fixed_decay
 
         g = fixed_decay("lightning", H).float().to(device).view(1, 1, H).expand(B, T, H)
-        ts.append(g.contiguous())
+        ts.append(g.contiguous() if op == "scalar_fixed_tok" else g)
     return ts
 
 
